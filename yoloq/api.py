@@ -1,0 +1,83 @@
+"""The Python API the CLI calls: calibrate, finetune, export, evaluate.
+
+>>> from yoloq import api
+>>> qm = api.calibrate("yolov8n.yaml", "images/", Recipe(images=4, imgsz=160))  # doctest: +SKIP
+>>> api.save(qm, "model.qpt"); api.export("model.qpt", "model.onnx")              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from yoloq import checkpoint
+from yoloq.checkpoint import QuantizedModel
+from yoloq.data.datasets import Dataset, resolve_data
+from yoloq.errors import YoloqError
+from yoloq.methods import METHODS, build_quantized
+from yoloq.model import yolo
+from yoloq.recipe import Recipe
+
+
+def _sha256(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_float(source: str):
+    """A prepared (fused, deployment-branch) float model from a .pt or model YAML."""
+    return yolo.prepare(yolo.load_detector(source))
+
+
+def calibrate(source: str, data: str | Dataset, recipe: Recipe) -> QuantizedModel:
+    ds = data if isinstance(data, Dataset) else resolve_data(data)
+    ds = ds.take(recipe.images)
+    float_model = yolo.load_detector(source)
+    model = build_quantized(yolo.prepare(float_model), recipe)
+    model = METHODS["ptq"](model, recipe, ds)
+    provenance = {
+        "source": str(source),
+        "source_sha256": _sha256(source),
+        "data": ds.source,
+        "calibration_images": len(ds.images),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "yoloq": __import__("yoloq").__version__,
+        "torch": torch.__version__,
+        "ultralytics": __import__("ultralytics").__version__,
+        "python": platform.python_version(),
+        "history": [{"step": "calibrate", "method": recipe.observer}],
+    }
+    qm = QuantizedModel(model, recipe, provenance)
+    qm._yaml, qm._names = yolo.model_yaml(float_model), yolo.class_names(float_model)  # type: ignore[attr-defined]
+    return qm
+
+
+def save(qm: QuantizedModel, out: str | Path) -> Path:
+    return checkpoint.save(out, qm, qm._yaml, qm._names)  # type: ignore[attr-defined]
+
+
+def load_quantized(path: str | Path) -> QuantizedModel:
+    p = Path(path)
+    if not p.exists():
+        raise YoloqError(f"quantized checkpoint not found: {path}")
+    qm = checkpoint.load(p)
+    payload = checkpoint.read(p)
+    qm._yaml, qm._names = payload["model_yaml"], payload["names"]  # type: ignore[attr-defined]
+    return qm
+
+
+def export(qckpt: str | Path | QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str | None = None, imgsz: int | None = None) -> dict:
+    from yoloq.export.onnx import export_onnx
+
+    qm = qckpt if isinstance(qckpt, QuantizedModel) else load_quantized(qckpt)
+    return export_onnx(qm, out, fmt, pack, imgsz)

@@ -1,0 +1,67 @@
+"""Stateless quantization math. All functions are differentiable with straight-through rounding.
+
+>>> import torch
+>>> scale, zp = choose_qparams(torch.tensor([-1.0]), torch.tensor([3.0]), 0, 255, symmetric=False)
+>>> fake_quantize(torch.tensor([0.5]), scale, zp, 0, 255)
+tensor([0.5020])
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def choose_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [lo, hi] onto [qmin, qmax].
+
+    The range is widened to contain 0 so that zero (conv padding, ReLU/SiLU floor) is exactly representable.
+    Symmetric ranges use zero point 0 and scale = max(|lo|, |hi|) / qmax.
+    """
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / qmax
+        scale = scale.clamp_min(EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes (as float) of x: clamp(round(x / s) + z, qmin, qmax)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q - zero_point) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through gradient for x inside the range and zero outside it."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, grad_scale: float
+) -> torch.Tensor:
+    """LSQ (Esser et al. 2020): fake_quantize whose step size is learnable, its gradient scaled by 1/sqrt(N * Qp)."""
+    s = scale * grad_scale + (scale - scale * grad_scale).detach()
+    return fake_quantize(x, s, zero_point, qmin, qmax)
+
+
+def broadcast_shape(x: torch.Tensor, axis: int) -> list[int]:
+    """Shape that broadcasts a per-channel vector along `axis` of x."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return shape

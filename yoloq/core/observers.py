@@ -1,0 +1,165 @@
+"""Range observers: they watch tensors during calibration and propose a clipping range [lo, hi].
+
+Each observer needs one statistic (running min/max, or a histogram) and turns it into a range:
+- ``minmax``: the full observed range.
+- ``percentile``: the range holding all but ``tail`` of the mass on each side (from a histogram).
+- ``mse``: the range whose quantization minimises the expected squared error over the histogram
+  (for weights: over the weight values themselves, per channel).
+
+>>> import torch
+>>> obs = make_observer("minmax")
+>>> obs.update(torch.tensor([-1.0, 2.0]))
+>>> obs.compute(QSpec(bits=8))
+(tensor([-1.]), tensor([2.]))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from yoloq.core.functional import choose_qparams, fake_quantize
+from yoloq.core.qspec import QSpec
+
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+def _channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
+    return x.transpose(0, axis).reshape(x.shape[axis], -1)
+
+
+class MinMaxObserver:
+    def __init__(self, per_channel: bool = False, axis: int = 0) -> None:
+        self.per_channel, self.axis = per_channel, axis
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if self.per_channel:
+            v = _channel_view(x, self.axis)
+            lo, hi = v.amin(1), v.amax(1)
+        else:
+            lo, hi = x.min().reshape(1), x.max().reshape(1)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def compute(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise RuntimeError("observer saw no data")
+        return self.lo, self.hi
+
+
+class HistogramObserver(MinMaxObserver):
+    """Per-tensor histogram over a range that widens as data arrives (old counts are re-binned)."""
+
+    def __init__(self, mode: str, bins: int = 2048, tail: float = 1e-4) -> None:
+        super().__init__()
+        self.mode, self.bins, self.tail = mode, bins, tail
+        self.hist: torch.Tensor | None = None
+        self.edges: tuple[float, float] | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        super().update(x)
+        lo, hi = float(self.lo), float(self.hi)
+        if hi - lo < 1e-12:
+            hi = lo + 1e-6
+        if self.edges is None:
+            self.edges, self.hist = (lo, hi), torch.zeros(self.bins)
+        elif lo < self.edges[0] or hi > self.edges[1]:
+            # widen with 25% headroom so a slowly growing range is not re-binned every batch
+            span = hi - lo
+            new = (min(lo, self.edges[0]) - 0.25 * span * (lo < self.edges[0]), max(hi, self.edges[1]) + 0.25 * span * (hi > self.edges[1]))
+            self.hist = self._rebin(self.hist, self.edges, new)
+            self.edges = new
+        self.hist += torch.histc(x, self.bins, *self.edges)
+
+    def _rebin(self, hist: torch.Tensor, old: tuple[float, float], new: tuple[float, float]) -> torch.Tensor:
+        centers = self._centers(old)
+        idx = ((centers - new[0]) / (new[1] - new[0]) * self.bins).long().clamp(0, self.bins - 1)
+        return torch.bincount(idx, weights=hist, minlength=self.bins).float()
+
+    def _centers(self, edges: tuple[float, float]) -> torch.Tensor:
+        width = (edges[1] - edges[0]) / self.bins
+        return edges[0] + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+
+    def compute(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hist is None:
+            raise RuntimeError("observer saw no data")
+        if self.mode == "percentile":
+            return self._percentile()
+        return self._mse(spec)
+
+    def _percentile(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cdf = torch.cumsum(self.hist.double(), 0)
+        cdf = cdf / cdf[-1]
+        centers = self._centers(self.edges)
+        lo_i = int(torch.searchsorted(cdf, torch.tensor(self.tail, dtype=torch.float64)))
+        hi_i = int(torch.searchsorted(cdf, torch.tensor(1 - self.tail, dtype=torch.float64)))
+        lo = max(float(centers[min(lo_i, self.bins - 1)]), float(self.lo))
+        hi = min(float(centers[min(hi_i, self.bins - 1)]), float(self.hi))
+        return torch.tensor([lo]), torch.tensor([hi])
+
+    def _mse(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid search of (lo, hi) = (r_lo * min, r_hi * max) minimising sum_bins n * (q(c) - c)^2."""
+        centers = self._centers(self.edges).float()
+        counts = self.hist
+        keep = counts > 0
+        centers, counts = centers[keep], counts[keep]
+        ratios = torch.linspace(0.05, 1.0, 40)
+        lo0, hi0 = float(self.lo), float(self.hi)
+        lo_c = (ratios * lo0) if lo0 < 0 else torch.tensor([lo0])
+        hi_c = ratios * hi0 if hi0 > 0 else torch.tensor([hi0])
+        if spec.symmetric:
+            amax = max(-lo0, hi0) * ratios
+            lo_c, hi_c = -amax, amax
+            pairs_lo, pairs_hi = lo_c, hi_c
+        else:
+            pairs_lo = lo_c[:, None].expand(-1, hi_c.numel()).reshape(-1)
+            pairs_hi = hi_c[None, :].expand(lo_c.numel(), -1).reshape(-1)
+        scale, zp = choose_qparams(pairs_lo, pairs_hi, spec.qmin, spec.qmax, spec.symmetric)
+        errs = []
+        for chunk in range(0, scale.numel(), 256):
+            s, z = scale[chunk : chunk + 256, None], zp[chunk : chunk + 256, None]
+            q = fake_quantize(centers[None], s, z, spec.qmin, spec.qmax)
+            errs.append(((q - centers[None]) ** 2 * counts[None]).sum(1))
+        best = int(torch.argmin(torch.cat(errs)))
+        return pairs_lo[best].reshape(1), pairs_hi[best].reshape(1)
+
+
+class WeightMSEObserver(MinMaxObserver):
+    """Per-channel clipping of weights minimising the squared quantization error of the weights themselves."""
+
+    def __init__(self, axis: int = 0) -> None:
+        super().__init__(per_channel=True, axis=axis)
+        self.w: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        self.w = _channel_view(x.detach().float(), self.axis)
+
+    def compute(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.w
+        amax = torch.maximum(-self.lo, self.hi).clamp_min(1e-8)
+        best_err = torch.full_like(amax, float("inf"))
+        best = amax.clone()
+        for r in torch.linspace(0.3, 1.0, 36):
+            a = amax * r
+            scale, zp = choose_qparams(-a, a, spec.qmin, spec.qmax, True)
+            err = ((fake_quantize(w, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - w) ** 2).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, a, best)
+        return -best, best
+
+
+def make_observer(name: str, spec: QSpec | None = None, weight: bool = False):
+    spec = spec or QSpec()
+    if name not in OBSERVERS:
+        raise ValueError(f"unknown observer {name!r}; choose from {', '.join(OBSERVERS)}")
+    if weight:
+        # Weights are static: percentile makes no sense on them, so it falls back to the exact MSE search.
+        return MinMaxObserver(True, spec.axis) if name == "minmax" else WeightMSEObserver(spec.axis)
+    if name == "minmax":
+        return MinMaxObserver(spec.per_channel, spec.axis)
+    return HistogramObserver(name)

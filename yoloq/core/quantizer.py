@@ -1,0 +1,127 @@
+"""FakeQuantizer: a tensor's quantizer with explicit phases.
+
+State has fixed names created at construction — ``scale`` (a parameter, frozen unless a method learns it),
+``zero_point`` and ``calibrated`` — so a quantized model round-trips through ``state_dict``.
+
+Phases, each a named call:
+    q.observe()   # forward passes record statistics and return x unchanged
+    q.freeze()    # statistics -> scale and zero point; forward now fake-quantizes
+
+>>> import torch
+>>> q = FakeQuantizer(QSpec(bits=8))
+>>> q.observe(); _ = q(torch.linspace(0, 1, 11)); q.freeze()
+>>> round(float(q.scale), 5)
+0.00392
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from yoloq.core.functional import broadcast_shape, choose_qparams, fake_quantize
+from yoloq.core.observers import make_observer
+from yoloq.core.qspec import QSpec
+
+EXPORT_MODES = (None, "qdq", "fake")
+# Smallest activation step. ORT stores a conv's bias as int32 in units of (input step x weight step); with no floor a
+# near-constant tensor (dead channels, random-init models) gets a step so small that the bias overflows int32.
+MIN_ACT_SCALE = 1e-4
+
+
+class QDQ(torch.autograd.Function):
+    """Fake quantization that exports to ONNX as [Clip ->] QuantizeLinear -> DequantizeLinear.
+
+    Ranges below 8 bits live inside uint8/int8 Q/DQ: a Clip restricts values to the low-bit range first,
+    so ONNX Runtime reproduces the low-bit numerics with its int8 kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):  # noqa: ARG004
+        s = torch.tensor(scale, dtype=x.dtype)
+        return fake_quantize(x, s, torch.tensor(float(zero_point)), qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):
+        dtype = torch.int8 if signed else torch.uint8
+        full = (-128, 127) if signed else (0, 255)
+        if (qmin, qmax) != full:
+            lo = g.op("Constant", value_t=torch.tensor((qmin - zero_point) * scale, dtype=torch.float32))
+            hi = g.op("Constant", value_t=torch.tensor((qmax - zero_point) * scale, dtype=torch.float32))
+            x = g.op("Clip", x, lo, hi)
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class FakeQuantizer(nn.Module):
+    def __init__(self, spec: QSpec, channels: int = 1, observer: str = "minmax", weight: bool = False) -> None:
+        super().__init__()
+        if not spec.per_channel and channels != 1:
+            raise ValueError("a per-tensor quantizer has one channel")
+        self.spec, self.observer_name, self.weight = spec, observer, weight
+        self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(channels))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.enabled = True
+        self.export_mode: str | None = None
+        self._observer = None
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "per-channel" if s.per_channel else "per-tensor"
+        sym = "symmetric" if s.symmetric else "asymmetric"
+        return f"{'int' if s.signed else 'uint'}{s.bits} {kind} {sym}, observer={self.observer_name}"
+
+    # ---- phases -------------------------------------------------------------------------------------------------
+    def observe(self) -> None:
+        self._observer = make_observer(self.observer_name, self.spec, weight=self.weight)
+
+    def freeze(self) -> None:
+        if self._observer is None:
+            raise RuntimeError("freeze() called before observe()")
+        lo, hi = self._observer.compute(self.spec)
+        self.set_range(lo, hi)
+        self._observer = None
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zp = choose_qparams(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+        if not self.weight and bool((scale < MIN_ACT_SCALE).any()):
+            mid = (lo.float() + hi.float()) / 2
+            half = MIN_ACT_SCALE * (self.spec.qmax - self.spec.qmin) / 2
+            scale, zp = choose_qparams(torch.minimum(lo, mid - half), torch.maximum(hi, mid + half), self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+        self.set_qparams(scale, zp)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+            self.calibrated.fill_(True)
+
+    @property
+    def observing(self) -> bool:
+        return self._observer is not None
+
+    # ---- numerics -----------------------------------------------------------------------------------------------
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.per_channel:
+            shape = broadcast_shape(x, self.spec.axis)
+            return self.scale.view(shape), self.zero_point.view(shape)
+        return self.scale, self.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observer is not None:
+            self._observer.update(x)
+            return x
+        if not self.enabled or not bool(self.calibrated):
+            return x
+        if self.export_mode == "qdq" and not self.spec.per_channel:
+            return QDQ.apply(x, float(self.scale), int(self.zero_point), self.spec.qmin, self.spec.qmax, self.spec.signed)
+        scale, zp = self._params(x)
+        return fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax)
+
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x, as int8/uint8 (for export and for baking learned rounding)."""
+        scale, zp = self._params(x)
+        q = torch.clamp(torch.round(x / scale) + zp, self.spec.qmin, self.spec.qmax)
+        return q.to(torch.int8 if self.spec.signed else torch.uint8)

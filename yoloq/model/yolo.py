@@ -1,0 +1,288 @@
+"""The only module that touches Ultralytics internals: loading, fusing, quantizer placement, head and export settings.
+
+Placement (why each quantizer exists is in docs/placement.md):
+- every Conv (incl. DWConv): weights per output channel, the pre-SiLU accumulator (8 bit), the SiLU gate, the output;
+- new tensors built from quantized ones get a quantizer: residual Adds (Bottleneck, PSABlock, SPPF shortcut) and
+  Concat layers by wrapping the module; concatenations inside C2f/C3k2/C3/SPPF/C2PSA, which each feed exactly one
+  conv, through that conv's input quantizer; the sum in front of Attention.proj and PSABlock.ffn likewise;
+- value-preserving ops (Split/chunk, MaxPool, nearest Upsample, Reshape) need no quantizer in PyTorch: the ONNX pass in
+  export/qdq.py repeats the producer's Q/DQ after them so ORT keeps them in int8;
+- the image input is exactly representable on a uint8 grid of step 1/255, so the first conv's input quantizer is fixed;
+- the first conv and the head's last 1x1 convs (and the tensors feeding them) stay at 8 bits by default;
+- the head's decode (DFL, anchors, sigmoid, concat, top-k) stays in float; the attention MatMuls and Softmax too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Never let Ultralytics pip-install anything at run time; set before it is imported anywhere.
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+os.environ.setdefault("YOLO_VERBOSE", "false")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from yoloq.core.modules import QConv2d, QuantizedOutput  # noqa: E402
+from yoloq.errors import YoloqError  # noqa: E402
+
+from ultralytics.nn.modules.block import PSABlock  # noqa: E402
+from ultralytics.nn.modules import (  # noqa: E402  (after the environment settings above)
+    C2PSA,
+    C3,
+    SPPF,
+    Attention,
+    Bottleneck,
+    C2f,
+    Concat,
+    Conv,
+    Detect,
+)
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+SUPPORTED_FAMILIES = "YOLOv8, YOLO11, YOLO26"
+
+
+@dataclass
+class Placement:
+    """Bit widths of the quantizers that quantize_model creates."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    observer: str = "minmax"
+    keep_first_last_8bit: bool = True
+    quantize_gate: bool = True
+    special: dict = field(default_factory=dict)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------------
+def _quiet():
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def load_detector(source: str) -> DetectionModel:
+    """A float DetectionModel from a checkpoint (.pt) or a model YAML (random init). Raises YoloqError otherwise."""
+    from ultralytics import YOLO
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+    path = Path(source)
+    is_yaml = path.suffix in (".yaml", ".yml")
+    if not is_yaml and not path.exists() and path.name not in GITHUB_ASSETS_NAMES:
+        raise YoloqError(f"model file not found: {source}")
+    if path.exists() and path.is_dir():
+        raise YoloqError(f"model path is a directory, not a checkpoint: {source}")
+    if path.exists() and not os.access(path, os.R_OK):
+        raise YoloqError(f"model file is not readable: {source}")
+    try:
+        with _quiet():
+            yolo = YOLO(source, task="detect") if is_yaml else YOLO(source)
+    except FileNotFoundError as e:
+        raise YoloqError(f"model not found: {source} ({e})") from None
+    except Exception as e:  # noqa: BLE001  (Ultralytics raises many kinds for a bad file)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise YoloqError(f"not a YOLO detection checkpoint: {source} ({first[:160]})") from None
+    model = yolo.model
+    if not isinstance(model, DetectionModel) or type(model.model[-1]) is not Detect:
+        task = getattr(yolo, "task", "?")
+        raise YoloqError(f"not a YOLO detection model ({SUPPORTED_FAMILIES}): {source} has task '{task}'")
+    return model.float().eval()
+
+
+def model_from_yaml(cfg: dict, names: dict) -> DetectionModel:
+    """A DetectionModel rebuilt from its YAML dict (weights are loaded afterwards)."""
+    with _quiet():
+        model = DetectionModel(cfg=copy.deepcopy(cfg), ch=cfg.get("channels", 3), nc=len(names), verbose=False)
+    model.names = dict(names)
+    return model.float().eval()
+
+
+def prepare(model: DetectionModel) -> DetectionModel:
+    """Deployment form: the end-to-end (one-to-one) branch selected where the head has one, Conv+BN fused."""
+    model = copy.deepcopy(model).float().eval()
+    head = model.model[-1]
+    if getattr(head, "one2one_cv2", None) is not None:
+        head.end2end = True  # as Ultralytics' exporter does; fuse() then drops the one-to-many branch
+    with _quiet():
+        model.fuse(verbose=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def is_end2end(model: DetectionModel) -> bool:
+    return bool(getattr(model.model[-1], "end2end", False))
+
+
+def model_yaml(model: DetectionModel) -> dict:
+    return copy.deepcopy(model.yaml)
+
+
+def class_names(model: DetectionModel) -> dict[int, str]:
+    return {int(k): str(v) for k, v in model.names.items()}
+
+
+# ---- placement -------------------------------------------------------------------------------------------------------
+def head_branches(model: DetectionModel) -> dict[str, nn.ModuleList]:
+    """The deployed head branches: box ('cv2') and class ('cv3'), one Sequential per scale."""
+    head = model.model[-1]
+    if is_end2end(model):
+        return {"box": head.one2one_cv2, "cls": head.one2one_cv3}
+    return {"box": head.cv2, "cls": head.cv3}
+
+
+def _last_conv(m: nn.Module) -> nn.Module:
+    convs = [x for x in m.modules() if isinstance(x, Conv)]
+    return convs[-1]
+
+
+def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
+    """Insert quantizers in place (see the module docstring for where and why). Returns the model."""
+    eight = 8 if p.keep_first_last_8bit else None
+    first = model.model[0]
+    input_conv = {id(first.conv if isinstance(first, Conv) else first): 8}
+    needs_input: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, C2f | SPPF | C2PSA):
+            needs_input.add(id(m.cv2))
+        elif isinstance(m, C3):
+            needs_input.add(id(m.cv3))
+        elif isinstance(m, Attention):
+            needs_input.add(id(m.proj))
+        elif isinstance(m, PSABlock) and m.add:
+            needs_input.add(id(m.ffn[0]))
+
+    # the last 1x1 convs of each head branch, and the conv feeding each of them, at 8 bits
+    final_convs: dict[int, tuple[int, int]] = {}
+    feeders: set[int] = set()
+    for branch in head_branches(model).values():
+        for seq in branch:
+            final_convs[id(seq[-1])] = (eight or p.weight_bits, 8)
+            if eight:
+                feeders.add(id(_last_conv(seq[-2])))
+
+    def make(conv: nn.Conv2d, act, owner) -> QConv2d:
+        wbits = p.weight_bits
+        in_bits = p.act_bits if id(owner) in needs_input else None
+        if id(conv) in input_conv or id(owner) in input_conv:
+            wbits, in_bits = eight or p.weight_bits, 8
+        out_bits = 8 if id(owner) in feeders else p.act_bits
+        q = QConv2d(conv, act, wbits, out_bits, 8, p.observer, in_bits, p.quantize_gate)
+        if in_bits is not None and (id(conv) in input_conv or id(owner) in input_conv):
+            # pixels are k/255, k = 0..255: exactly representable, so no calibration and no error
+            q.input_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))
+        return q
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv):
+                _replace(parent, name, make(child.conv, child.act, child))
+            elif isinstance(child, nn.Conv2d) and id(child) in final_convs:
+                wbits, obits = final_convs[id(child)]
+                _replace(parent, name, QConv2d(child, None, wbits, obits, 8, p.observer, None, p.quantize_gate))
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedOutput):
+                continue
+            wrap = (
+                isinstance(child, Concat)
+                or (isinstance(child, Bottleneck | PSABlock) and child.add)
+                or (isinstance(child, SPPF) and getattr(child, "add", False))
+            )
+            if wrap:
+                _replace(parent, name, QuantizedOutput(child, p.act_bits, p.observer))
+    return model
+
+
+def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap a child, carrying the attributes DetectionModel's layer walker reads (from-index, index, type)."""
+    old = getattr(parent, name)
+    for attr in ("f", "i", "type", "np"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(parent, name, new)
+
+
+# ---- head, export, prediction ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def export_head(model: DetectionModel, imgsz: int, max_det: int = 300):
+    """Put the Detect head in Ultralytics' ONNX export mode: one output tensor, static shape."""
+    head = model.model[-1]
+    saved = {k: getattr(head, k) for k in ("export", "format", "dynamic", "max_det")}
+    anchors = sum((imgsz // int(s)) ** 2 for s in model.stride.tolist())
+    head.export, head.format, head.dynamic, head.max_det = True, "onnx", False, min(max_det, anchors)
+    try:
+        yield model
+    finally:
+        for k, v in saved.items():
+            setattr(head, k, v)
+
+
+def onnx_metadata(model: DetectionModel, imgsz: int, extra: dict | None = None) -> dict:
+    """The metadata Ultralytics' own ONNX export writes, so ultralytics.YOLO('model.onnx') can run the file."""
+    from datetime import datetime
+
+    from ultralytics import __version__
+
+    meta = {
+        "description": "Ultralytics YOLO model quantized by yoloq",
+        "author": "yoloq",
+        "date": datetime.now().astimezone().isoformat(),
+        "version": __version__,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "stride": int(max(model.stride)),
+        "task": "detect",
+        "head": "Detect",
+        "batch": 1,
+        "imgsz": [imgsz, imgsz],
+        "names": class_names(model),
+        "args": {"batch": 1, "half": False, "int8": True, "dynamic": False, "nms": False},
+        "channels": 3,
+        "end2end": is_end2end(model),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def forward_raw(model: DetectionModel, x: torch.Tensor) -> torch.Tensor:
+    """Inference output tensor: (B, 4+nc, anchors) xywh+scores, or (B, max_det, 6) for end-to-end heads."""
+    y = model(x)
+    return y[0] if isinstance(y, tuple | list) else y
+
+
+def postprocess(raw, end2end: bool, conf: float, iou: float, max_det: int, nc: int) -> list[torch.Tensor]:
+    """(n, 6) [x1, y1, x2, y2, conf, cls] per image in letterboxed pixels, as Ultralytics' validator makes them."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    raw = torch.as_tensor(raw)
+    if end2end:
+        out = []
+        for r in raw:
+            r = r[r[:, 4] > conf]
+            out.append(r[:max_det])
+        return out
+    return non_max_suppression(raw, conf, iou, max_det=max_det, nc=nc)
+
+
+def scale_boxes(boxes: torch.Tensor, from_shape, to_shape) -> torch.Tensor:
+    from ultralytics.utils.ops import scale_boxes as _scale
+
+    return _scale(from_shape, boxes.clone(), to_shape)
+
+
+def letterbox(image, imgsz: int):
+    """Ultralytics' LetterBox as its validator/predictor uses it for a square static input (pad value 114)."""
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox(new_shape=(imgsz, imgsz), auto=False, scaleup=True, center=True, stride=32)(image=image)
+
+
+def check_imgsz(imgsz: int) -> None:
+    if imgsz <= 0 or imgsz % 32:
+        raise YoloqError(f"image size must be a positive multiple of 32, got {imgsz}")

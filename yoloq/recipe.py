@@ -1,0 +1,66 @@
+"""A validated quantization recipe. YAML presets live in configs/; unknown keys are rejected.
+
+>>> Recipe(weight_bits=4, act_bits=8).name
+'W4A8'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from yoloq.core.observers import OBSERVERS
+from yoloq.errors import YoloqError
+
+
+@dataclass
+class Recipe:
+    weight_bits: int = 8
+    act_bits: int = 8
+    observer: str = "minmax"  # minmax | percentile | mse
+    # both seed papers keep the first conv and the head's last 1x1 convs at 8 bits; low-bit there costs most accuracy
+    keep_first_last_8bit: bool = True
+    # quantizing the SiLU gate lets ORT run SiLU as QLinearSigmoid + QLinearMul instead of float (about 1.5x faster)
+    quantize_gate: bool = True
+    images: int = 64
+    imgsz: int = 640
+    method: str = "ptq"
+
+    def __post_init__(self) -> None:
+        for k in ("weight_bits", "act_bits"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or not 2 <= v <= 8:
+                raise YoloqError(f"{k.replace('_', ' ')} must be an integer from 2 to 8, got {v}")
+        if self.observer not in OBSERVERS:
+            raise YoloqError(f"unknown calibration method {self.observer!r}; choose from {', '.join(OBSERVERS)}")
+        if self.images < 1:
+            raise YoloqError(f"number of images must be at least 1, got {self.images}")
+        if self.imgsz <= 0 or self.imgsz % 32:
+            raise YoloqError(f"image size must be a positive multiple of 32, got {self.imgsz}")
+
+    @property
+    def name(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise YoloqError(f"unknown recipe keys: {', '.join(sorted(extra))}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise YoloqError(f"unreadable recipe {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise YoloqError(f"recipe {path} must be a mapping")
+        return cls.from_dict(d)
