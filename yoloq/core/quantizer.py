@@ -64,6 +64,9 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.register_buffer("calibrated", torch.tensor(False))
         self.enabled = True
+        # a floor on the calibrated lower bound, for tensors whose low tail does not matter (class logits below
+        # about -10 are scores < 5e-5); set by the placement, so it needs no saved state
+        self.lo_floor: float | None = None
         self.export_mode: str | None = None
         self._observer = None
 
@@ -81,6 +84,8 @@ class FakeQuantizer(nn.Module):
         if self._observer is None:
             raise RuntimeError("freeze() called before observe()")
         lo, hi = self._observer.compute(self.spec)
+        if self.lo_floor is not None:
+            lo = torch.clamp(lo, min=self.lo_floor)
         self.set_range(lo, hi)
         self._observer = None
 
