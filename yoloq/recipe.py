@@ -24,6 +24,8 @@ class Recipe:
     keep_first_last_8bit: bool = True
     # quantizing the SiLU gate lets ORT run SiLU as QLinearSigmoid + QLinearMul instead of float (about 1.5x faster)
     quantize_gate: bool = True
+    # empirical bias correction: put the expected output shift caused by weight rounding back into the bias
+    bias_correction: bool = True
     images: int = 64
     imgsz: int = 640
     method: str = "ptq"

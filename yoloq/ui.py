@@ -22,11 +22,16 @@ def progress() -> Progress:
 
 
 def track(iterable, total: int, description: str):
+    """Iterate with a progress bar; a failure hides the bar so the error stays the only line printed."""
     with progress() as p:
         task = p.add_task(description, total=total, info="")
-        for item in iterable:
-            yield item
-            p.advance(task)
+        try:
+            for item in iterable:
+                yield item
+                p.advance(task)
+        except BaseException:
+            p.update(task, visible=False)
+            raise
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:

@@ -81,6 +81,35 @@ class QConv2d(nn.Module):
         names = ("input_quantizer", "weight_quantizer", "acc_quantizer", "gate_quantizer", "output_quantizer")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    def calibrate_weights(self, in_mean: torch.Tensor | None = None, in_sq: torch.Tensor | None = None,
+                          bias_correction: bool = False) -> None:
+        """Freeze the weight quantizer from the weights, given the per-channel input statistics E[x], E[x^2].
+
+        With E[x^2], the clipping search weighs each weight by the power of the input it multiplies.
+        With bias_correction, b <- b - conv(E[x], W_q - W): the output's expected shift caused by rounding the
+        weights is put back into the bias (empirical bias correction; padding borders are ignored).
+        """
+        wq, w = self.weight_quantizer, self.conv.weight.detach()
+        wq.observe()
+        if in_sq is not None and hasattr(wq._observer, "importance"):
+            wq._observer.importance = self._per_weight(in_sq)
+        wq(w)
+        wq.freeze()
+        self.fit_bias_to_int32()
+        if bias_correction and in_mean is not None and self.conv.bias is not None:
+            with torch.no_grad():
+                delta = (wq(w) - w) * self._per_weight(in_mean)
+                self.conv.bias -= delta.sum(dim=(1, 2, 3))
+            self.fit_bias_to_int32()
+
+    def _per_weight(self, per_input_channel: torch.Tensor) -> torch.Tensor:
+        """A per-input-channel statistic laid out like the weight (groups: each output sees its group's inputs)."""
+        c = self.conv
+        cin_g = c.in_channels // c.groups
+        per_group = per_input_channel.reshape(c.groups, cin_g)
+        group_of_out = torch.arange(c.out_channels) // (c.out_channels // c.groups)
+        return per_group[group_of_out][:, :, None, None].expand_as(c.weight)
+
     def fit_bias_to_int32(self) -> None:
         """Raise weight steps where needed so int32 bias codes b / (s_in * s_w) cannot overflow for s_in >= MIN_ACT_SCALE.
 

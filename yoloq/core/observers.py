@@ -128,11 +128,14 @@ class HistogramObserver(MinMaxObserver):
 
 
 class WeightMSEObserver(MinMaxObserver):
-    """Per-channel clipping of weights minimising the squared quantization error of the weights themselves."""
+    """Per-channel clipping of weights minimising the squared quantization error of the weights,
+    sum_j a_j (Q(w_j) - w_j)^2, each weight weighted by a_j = E[x_j^2] of the input it multiplies when
+    `importance` is set: the conv output's error under independent inputs, rather than the weights' own."""
 
     def __init__(self, axis: int = 0) -> None:
         super().__init__(per_channel=True, axis=axis)
         self.w: torch.Tensor | None = None
+        self.importance: torch.Tensor | None = None  # same shape as the observed weight
 
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
@@ -140,16 +143,17 @@ class WeightMSEObserver(MinMaxObserver):
 
     def compute(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.w
+        a = torch.ones_like(w) if self.importance is None else _channel_view(self.importance.float(), self.axis)
         amax = torch.maximum(-self.lo, self.hi).clamp_min(1e-8)
         best_err = torch.full_like(amax, float("inf"))
         best = amax.clone()
-        for r in torch.linspace(0.3, 1.0, 36):
-            a = amax * r
-            scale, zp = choose_qparams(-a, a, spec.qmin, spec.qmax, True)
-            err = ((fake_quantize(w, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - w) ** 2).sum(1)
+        for r in torch.linspace(0.3, 1.0, 71):
+            clip = amax * r
+            scale, zp = choose_qparams(-clip, clip, spec.qmin, spec.qmax, True)
+            err = (a * (fake_quantize(w, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - w) ** 2).sum(1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best = torch.where(better, a, best)
+            best = torch.where(better, clip, best)
         return -best, best
 
 
