@@ -26,6 +26,8 @@ class Recipe:
     quantize_gate: bool = True
     # empirical bias correction: put the expected output shift caused by weight rounding back into the bias
     bias_correction: bool = True
+    # weight rounding below 8 bits: "nearest", or "gptq" (error-compensated rounding using each conv's input Hessian)
+    weight_rounding: str = "gptq"
     images: int = 64
     imgsz: int = 640
     method: str = "ptq"
@@ -37,6 +39,8 @@ class Recipe:
                 raise YoloqError(f"{k.replace('_', ' ')} must be an integer from 2 to 8, got {v}")
         if self.observer not in OBSERVERS:
             raise YoloqError(f"unknown calibration method {self.observer!r}; choose from {', '.join(OBSERVERS)}")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise YoloqError(f"weight_rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
         if self.images < 1:
             raise YoloqError(f"number of images must be at least 1, got {self.images}")
         if self.imgsz <= 0 or self.imgsz % 32:

@@ -82,7 +82,7 @@ class QConv2d(nn.Module):
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def calibrate_weights(self, in_mean: torch.Tensor | None = None, in_sq: torch.Tensor | None = None,
-                          bias_correction: bool = False) -> None:
+                          bias_correction: bool = False, hessian: torch.Tensor | None = None) -> None:
         """Freeze the weight quantizer from the weights, given the per-channel input statistics E[x], E[x^2].
 
         With E[x^2], the clipping search weighs each weight by the power of the input it multiplies.
@@ -96,9 +96,17 @@ class QConv2d(nn.Module):
         wq(w)
         wq.freeze()
         self.fit_bias_to_int32()
+        if hessian is not None:
+            # GPTQ: bake error-compensated rounding into the weights; they now lie on the grid
+            from yoloq.core.gptq import gptq_round
+
+            s = wq.scale.detach()
+            q = gptq_round(w.reshape(w.shape[0], -1), hessian, s, wq.spec.qmin, wq.spec.qmax)
+            with torch.no_grad():
+                self.conv.weight.copy_(q.reshape_as(w))
         if bias_correction and in_mean is not None and self.conv.bias is not None:
             with torch.no_grad():
-                delta = (wq(w) - w) * self._per_weight(in_mean)
+                delta = (wq(self.conv.weight) - w) * self._per_weight(in_mean)
                 self.conv.bias -= delta.sum(dim=(1, 2, 3))
             self.fit_bias_to_int32()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from yoloq.core.gptq import HessianAccumulator
 from yoloq.core.modules import QConv2d, iter_quantizers
 from yoloq.data.datasets import Dataset, iter_batches
 from yoloq.recipe import Recipe
@@ -28,12 +29,17 @@ def observe(model: torch.nn.Module) -> list:
 class InputStats:
     """Per-channel E[x] and E[x^2] of every QConv2d's input, gathered by forward pre-hooks during calibration."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, hessians: bool = False) -> None:
         self.sums: dict[QConv2d, list] = {}
+        # GPTQ needs each conv's input Hessian; grouped (depthwise) convs keep plain rounding
+        self.hess = {m: HessianAccumulator(m.conv) for m in model.modules()
+                     if hessians and isinstance(m, QConv2d) and m.conv.groups == 1 and m.weight_quantizer.spec.bits < 8}
         self.hooks = [m.register_forward_pre_hook(self._hook) for m in model.modules() if isinstance(m, QConv2d)]
 
     def _hook(self, module, args) -> None:
         x = args[0].detach().float()
+        if module in self.hess:
+            self.hess[module].add(x)
         s = self.sums.setdefault(module, [0.0, 0.0, 0])
         s[0] = s[0] + x.sum(dim=(0, 2, 3))
         s[1] = s[1] + (x * x).sum(dim=(0, 2, 3))
@@ -51,19 +57,21 @@ class InputStats:
 
 
 def freeze(model: torch.nn.Module, quantizers: list, stats: InputStats | None = None, bias_correction: bool = True) -> None:
-    """Activations first, then weights (their clipping and bias correction use the input statistics)."""
+    """Activations first, then weights (their clipping, rounding and bias correction use the input statistics)."""
     for q in quantizers:
         q.freeze()
-    for m in model.modules():
-        if isinstance(m, QConv2d):
-            mean, sq = stats.get(m) if stats else (None, None)
-            m.calibrate_weights(mean, sq, bias_correction)
+    convs = [m for m in model.modules() if isinstance(m, QConv2d)]
+    for m in track(convs, len(convs), "weights"):
+        mean, sq = stats.get(m) if stats else (None, None)
+        h = stats.hess[m].hessian() if stats and m in stats.hess else None
+        m.calibrate_weights(mean, sq, bias_correction, h)
 
 
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, data: Dataset, imgsz: int, bias_correction: bool = True) -> torch.nn.Module:
+def calibrate(model: torch.nn.Module, data: Dataset, imgsz: int, bias_correction: bool = True,
+              gptq: bool = False) -> torch.nn.Module:
     started = observe(model)
-    stats = InputStats(model)
+    stats = InputStats(model, hessians=gptq)
     try:
         for _, _, x in track(iter_batches(data, imgsz), len(data.images), "calibrating"):
             model(x)
@@ -74,4 +82,4 @@ def calibrate(model: torch.nn.Module, data: Dataset, imgsz: int, bias_correction
 
 
 def run(model: torch.nn.Module, recipe: Recipe, data: Dataset) -> torch.nn.Module:
-    return calibrate(model, data, recipe.imgsz, recipe.bias_correction)
+    return calibrate(model, data, recipe.imgsz, recipe.bias_correction, recipe.weight_rounding == "gptq")
