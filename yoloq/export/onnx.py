@@ -44,28 +44,14 @@ def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str
     for _, q in iter_quantizers(model):
         q.export_mode = fmt
     report = {"path": str(out), "format": fmt, "pack": pack, "imgsz": imgsz}
-    with yolo.export_head(model, imgsz), atomic_path(out) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            torch.zeros(1, 3, imgsz, imgsz),
-            str(tmp),
-            opset_version=OPSET,
-            input_names=["images"],
-            output_names=["output0"],
-            do_constant_folding=True,
-            dynamo=False,
-        )
-        m = onnx.load(str(tmp))
+    with atomic_path(out) as tmp:
+        m = _trace(model, tmp, imgsz)
         if fmt == "qdq":
             report["propagated_qdq"] = propagate_qdq(m)
         if pack == "int4":
             m = onnx.version_converter.convert_version(m, INT4_OPSET)
             report["int4_tensors"] = pack_int4(m)
-        meta = yolo.onnx_metadata(model, imgsz, {"yoloq": f"{qm.recipe.name} {fmt}{' int4' if pack else ''}"})
-        for k, v in meta.items():
-            p = m.metadata_props.add()
-            p.key, p.value = k, str(v)
+        _stamp(m, yolo.onnx_metadata(model, imgsz, {"yoloq": f"{qm.recipe.name} {fmt}{' int4' if pack else ''}"}))
         onnx.checker.check_model(m)
         onnx.save(m, str(tmp))
         report["nodes"] = len(m.graph.node)
@@ -76,13 +62,23 @@ def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str
 def export_float_onnx(source: str, out: str | Path, imgsz: int = 640) -> Path:
     """The FP32 model as Ultralytics exports it (same head mode and metadata): the baseline for speed and fidelity."""
     model = yolo.prepare(yolo.load_detector(source))
-    with yolo.export_head(model, imgsz), atomic_path(out) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.zeros(1, 3, imgsz, imgsz), str(tmp), opset_version=OPSET,
-                          input_names=["images"], output_names=["output0"], do_constant_folding=True, dynamo=False)
-        m = onnx.load(str(tmp))
-        for k, v in yolo.onnx_metadata(model, imgsz, {"yoloq": "fp32"}).items():
-            p = m.metadata_props.add()
-            p.key, p.value = k, str(v)
+    with atomic_path(out) as tmp:
+        m = _trace(model, tmp, imgsz)
+        _stamp(m, yolo.onnx_metadata(model, imgsz, {"yoloq": "fp32"}))
         onnx.save(m, str(tmp))
     return Path(out)
+
+
+def _trace(model, path: Path, imgsz: int) -> onnx.ModelProto:
+    """TorchScript-based export (what Ultralytics uses): it honours the quantizers' Q/DQ symbolics."""
+    with yolo.export_head(model, imgsz), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(1, 3, imgsz, imgsz), str(path), opset_version=OPSET,
+                          input_names=["images"], output_names=["output0"], do_constant_folding=True, dynamo=False)
+    return onnx.load(str(path))
+
+
+def _stamp(m: onnx.ModelProto, meta: dict) -> None:
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, str(v)

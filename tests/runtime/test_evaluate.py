@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from yoloq.data.datasets import Dataset
+from yoloq.runtime.evaluate import coco_map, match_labels
+
+GT = [np.array([[0, 10, 10, 50, 50], [1, 60, 60, 90, 100]], np.float32), np.array([[0, 5, 5, 25, 45]], np.float32)]
+
+
+def _dets(gts, shift=0.0, score=0.9):
+    return [np.array([[x1 + shift, y1, x2 + shift, y2, score, c] for c, x1, y1, x2, y2 in g], np.float32) for g in gts]
+
+
+def test_perfect_detections_score_one_and_shifted_less():
+    assert coco_map(GT, _dets(GT))["map"] == pytest.approx(1.0)
+    shifted = coco_map(GT, _dets(GT, shift=6.0))
+    assert 0 < shifted["map"] < 0.9 and shifted["map50"] == pytest.approx(1.0)
+
+
+def test_wrong_class_and_no_detections():
+    wrong = [np.array([[x1, y1, x2, y2, 0.9, 1 - c] for c, x1, y1, x2, y2 in g], np.float32) for g in GT]
+    assert coco_map(GT, wrong)["map"] == pytest.approx(0.0)
+    assert coco_map(GT, [np.zeros((0, 6), np.float32)] * 2)["map"] == 0.0
+    assert coco_map([np.zeros((0, 5))] * 2, _dets(GT)) is None
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(1)
+    gts = [np.array([[0, *(b := rng.uniform(0, 100, 2)), *(b + rng.uniform(10, 40, 2))]], np.float32) for _ in range(30)]
+    dets = _dets(gts, shift=0.0)
+    for d in dets[::3]:
+        d[:, :4] += 8  # a third of the images get poor boxes
+    r = coco_map(gts, dets, bootstrap=100)
+    lo, hi = r["ci"]
+    assert lo <= r["map"] <= hi and hi - lo > 0.01
+
+
+def test_labels_are_matched_to_model_classes_by_name():
+    ds = Dataset(images=[], labels=[np.array([[0, 1, 1, 2, 2], [1, 3, 3, 4, 4]], np.float32)], names={0: "dog", 1: "Person"})
+    out, note = match_labels(ds, {0: "person", 1: "fall"})
+    assert out[0].tolist() == [[0, 3, 3, 4, 4]] and "1 of 2" in note
+    none, why = match_labels(ds, {0: "car"})
+    assert none is None and "do not match" in why
