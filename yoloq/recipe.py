@@ -24,7 +24,8 @@ class Recipe:
     keep_first_last_8bit: bool = True
     # quantizing the SiLU gate lets ORT run SiLU as QLinearSigmoid + QLinearMul instead of float (about 1.5x faster)
     quantize_gate: bool = True
-    # empirical bias correction: put the expected output shift caused by weight rounding back into the bias
+    # empirical bias correction below 8 bits: put the expected output shift caused by weight rounding back into the
+    # bias. At 8 bits that shift is below the noise of its estimate (demo YOLOv8s W8A8 in ORT: 0.945 without, 0.926 with)
     bias_correction: bool = True
     # weight rounding below 8 bits: "nearest", or "gptq" (error-compensated rounding using each conv's input Hessian)
     weight_rounding: str = "gptq"

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 PASS_THROUGH = {"Split", "MaxPool", "Resize", "Reshape", "Slice", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
 
@@ -94,6 +95,7 @@ def pack_int4(model: onnx.ModelProto) -> int:
     del g.initializer[:]
     g.initializer.extend(inits)
     for name, arr in targets.items():
-        g.initializer.append(helper.make_tensor(name, TensorProto.INT4, arr.shape, arr.flatten().tolist()))
+        # numpy_helper packs two int4 values per byte (raw_data); a value list would store one per int32
+        g.initializer.append(numpy_helper.from_array(arr.astype(ml_dtypes.int4), name))
         packed += arr.ndim > 1
     return packed

@@ -64,7 +64,7 @@ def freeze(model: torch.nn.Module, quantizers: list, stats: InputStats | None = 
     for m in track(convs, len(convs), "weights"):
         mean, sq = stats.get(m) if stats else (None, None)
         h = stats.hess[m].hessian() if stats and m in stats.hess else None
-        m.calibrate_weights(mean, sq, bias_correction, h)
+        m.calibrate_weights(mean, sq, bias_correction and m.weight_quantizer.spec.bits < 8, h)
 
 
 @torch.no_grad()
