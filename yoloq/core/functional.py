@@ -8,6 +8,8 @@ tensor([0.5020])
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-8
@@ -65,3 +67,15 @@ def broadcast_shape(x: torch.Tensor, axis: int) -> list[int]:
     shape = [1] * x.dim()
     shape[axis] = -1
     return shape
+
+
+def silu_inverse(y: float, iters: int = 60) -> float:
+    """The a >= 0 with a * sigmoid(a) = y, for y >= 0 (SiLU is increasing there), by bisection."""
+    lo, hi = 0.0, max(1.0, y + 10.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if mid / (1 + math.exp(-mid)) < y:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yoloq.core.functional import silu_inverse
 from yoloq.core.qspec import QSpec, activation_spec, weight_spec
 from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
 
@@ -118,6 +119,38 @@ class QConv2d(nn.Module):
         group_of_out = torch.arange(c.out_channels) // (c.out_channels // c.groups)
         return per_group[group_of_out][:, :, None, None].expand_as(c.weight)
 
+    def bound_accumulator(self) -> None:
+        """Below 8 bits, cap the pre-SiLU range at SiLU^-1 of the output's top, so the output never exceeds its
+        low-bit range and the export needs no Clip (which would stop ORT fusing Sigmoid/Mul into int8 kernels).
+
+        Lossless: any larger pre-activation would have been clipped by the output quantizer anyway; the
+        accumulator gets a finer step in exchange.
+        """
+        out, acc = self.output_quantizer, self.acc_quantizer
+        if not self.silu or out.spec.bits >= 8 or not bool(out.calibrated) or not bool(acc.calibrated):
+            return
+        s_out, z_out = float(out.scale), float(out.zero_point)
+        top = (out.spec.qmax - z_out) * s_out
+        lo = (acc.spec.qmin - float(acc.zero_point)) * float(acc.scale)
+        hi = (acc.spec.qmax - float(acc.zero_point)) * float(acc.scale)
+        cap = silu_inverse(top)
+        if top <= 0 or cap >= hi:
+            return
+        for _ in range(50):  # the gate's rounding can push y = a * q(sigmoid(a)) a little up: shrink until it fits
+            acc.set_range(torch.tensor([lo]), torch.tensor([cap]))
+            if round(self.max_output() / s_out) + z_out <= out.spec.qmax:
+                break
+            cap *= 0.995
+
+    def max_output(self) -> float:
+        """The largest post-SiLU value this layer can emit, given its accumulator and gate grids."""
+        acc = self.acc_quantizer
+        a = (acc.spec.qmax - float(acc.zero_point)) * float(acc.scale)
+        g = torch.sigmoid(torch.tensor([a]))
+        if self.gate_quantizer is not None:
+            g = self.gate_quantizer(g)
+        return float(a * g)
+
     def fit_bias_to_int32(self) -> None:
         """Raise weight steps where needed so int32 bias codes b / (s_in * s_w) cannot overflow for s_in >= MIN_ACT_SCALE.
 
@@ -147,6 +180,9 @@ class QConv2d(nn.Module):
         if self.act is None:
             return self.output_quantizer(y)
         y = self.acc_quantizer(y)
+        if self.silu and self.output_quantizer.export_mode is not None:
+            # derived from saved state (accumulator and gate grids), so a reloaded checkpoint exports the same graph
+            self.output_quantizer.input_max = self.max_output()
         if self.silu:
             gate = torch.sigmoid(y)
             if self.gate_quantizer is not None:

@@ -37,15 +37,17 @@ class QDQ(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):  # noqa: ARG004
+    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool, clip: bool):  # noqa: ARG004
         s = torch.tensor(scale, dtype=x.dtype)
         return fake_quantize(x, s, torch.tensor(float(zero_point)), qmin, qmax)
 
     @staticmethod
-    def symbolic(g, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):
+    def symbolic(g, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool, clip: bool):
         dtype = torch.int8 if signed else torch.uint8
         full = (-128, 127) if signed else (0, 255)
-        if (qmin, qmax) != full:
+        # A Clip between an op and its QuantizeLinear stops ORT's QLinear* fusion; it is left out where the
+        # producer provably cannot exceed the low-bit range (see QConv2d.bound_accumulator).
+        if (qmin, qmax) != full and clip:
             lo = g.op("Constant", value_t=torch.tensor((qmin - zero_point) * scale, dtype=torch.float32))
             hi = g.op("Constant", value_t=torch.tensor((qmax - zero_point) * scale, dtype=torch.float32))
             x = g.op("Clip", x, lo, hi)
@@ -67,6 +69,8 @@ class FakeQuantizer(nn.Module):
         # a floor on the calibrated lower bound, for tensors whose low tail does not matter (class logits below
         # about -10 are scores < 5e-5); set by the placement, so it needs no saved state
         self.lo_floor: float | None = None
+        # the largest value the producer can emit, when it is bounded (set by the module that owns this quantizer)
+        self.input_max: float | None = None
         self.export_mode: str | None = None
         self._observer = None
 
@@ -121,7 +125,9 @@ class FakeQuantizer(nn.Module):
         if not self.enabled or not bool(self.calibrated):
             return x
         if self.export_mode == "qdq" and not self.spec.per_channel:
-            return QDQ.apply(x, float(self.scale), int(self.zero_point), self.spec.qmin, self.spec.qmax, self.spec.signed)
+            scale, zp = float(self.scale), int(self.zero_point)
+            clip = self.spec.qmin != 0 or self.input_max is None or round(self.input_max / scale) + zp > self.spec.qmax
+            return QDQ.apply(x, scale, zp, self.spec.qmin, self.spec.qmax, self.spec.signed, clip)
         scale, zp = self._params(x)
         return fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax)
 

@@ -61,6 +61,8 @@ def freeze(model: torch.nn.Module, quantizers: list, stats: InputStats | None = 
     for q in quantizers:
         q.freeze()
     convs = [m for m in model.modules() if isinstance(m, QConv2d)]
+    for m in convs:
+        m.bound_accumulator()
     for m in track(convs, len(convs), "weights"):
         mean, sq = stats.get(m) if stats else (None, None)
         h = stats.hess[m].hessian() if stats and m in stats.hess else None
