@@ -144,3 +144,14 @@ def test_eval_errors(images_dir, tmp_path):
     assert_clean_error(run("eval", "yolov8n.yaml", "--data", images_dir, "--imgsz", IMGSZ, "--conf", 2), "conf")
     out = tmp_path / "nodir" / "r.json"
     assert_clean_error(run("eval", "yolov8n.yaml", "--data", images_dir, "--imgsz", IMGSZ, "--json", out), "does not exist")
+
+
+def test_official_name_offline_says_download(small_args, tmp_path, monkeypatch):
+    import ultralytics
+
+    def offline(*a, **k):
+        raise ConnectionError("Download failure for yolov8n.pt. Environment may be offline.")
+
+    monkeypatch.setattr(ultralytics, "YOLO", offline)
+    monkeypatch.chdir(tmp_path)
+    assert_clean_error(run("calibrate", "yolov8n.pt", *small_args, "--out", tmp_path / "x.qpt"), "could not download")

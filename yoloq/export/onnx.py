@@ -22,6 +22,7 @@ from yoloq.errors import YoloqError
 from yoloq.export.qdq import pack_int4, propagate_qdq
 from yoloq.io import atomic_path
 from yoloq.model import yolo
+from yoloq.ui import progress
 
 FORMATS = ("qdq", "fake")
 OPSET = 17
@@ -44,16 +45,21 @@ def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str
     for _, q in iter_quantizers(model):
         q.export_mode = fmt
     report = {"path": str(out), "format": fmt, "pack": pack, "imgsz": imgsz}
-    with atomic_path(out) as tmp:
+    steps = ["trace", "graph passes", "check and write"]
+    with atomic_path(out) as tmp, progress() as bar:
+        task = bar.add_task("exporting", total=len(steps), info=steps[0])
         m = _trace(model, tmp, imgsz)
+        bar.update(task, advance=1, info=steps[1])
         if fmt == "qdq":
             report["propagated_qdq"] = propagate_qdq(m)
         if pack == "int4":
             m = onnx.version_converter.convert_version(m, INT4_OPSET)
             report["int4_tensors"] = pack_int4(m)
         _stamp(m, yolo.onnx_metadata(model, imgsz, {"yoloq": f"{qm.recipe.name} {fmt}{' int4' if pack else ''}"}))
+        bar.update(task, advance=1, info=steps[2])
         onnx.checker.check_model(m)
         onnx.save(m, str(tmp))
+        bar.update(task, advance=1, info="done")
         report["nodes"] = len(m.graph.node)
     report["bytes"] = Path(out).stat().st_size
     return report

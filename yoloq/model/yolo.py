@@ -82,10 +82,12 @@ def load_detector(source: str) -> DetectionModel:
     try:
         with _quiet():
             yolo = YOLO(source, task="detect") if is_yaml else YOLO(source)
-    except FileNotFoundError as e:
-        raise YoloqError(f"model not found: {source} ({e})") from None
     except Exception as e:  # noqa: BLE001  (Ultralytics raises many kinds for a bad file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not is_yaml and not path.exists():  # an official name Ultralytics tried to download
+            raise YoloqError(f"could not download {source} (offline?): {first[:160]}") from None
+        if isinstance(e, FileNotFoundError):
+            raise YoloqError(f"model not found: {source} ({first[:160]})") from None
         raise YoloqError(f"not a YOLO detection checkpoint: {source} ({first[:160]})") from None
     model = yolo.model
     if not isinstance(model, DetectionModel) or type(model.model[-1]) is not Detect:
