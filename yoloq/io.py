@@ -19,6 +19,13 @@ def check_writable(path: str | Path) -> Path:
         raise YoloqError(f"output directory does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise YoloqError(f"output directory is not writable: {parent}")
+    # access() says yes to root everywhere; only creating a file tells (read-only mounts, /proc, full disks)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise YoloqError(f"output directory is not writable: {parent} ({e.strerror})") from None
     return path
 
 
@@ -26,11 +33,18 @@ def check_writable(path: str | Path) -> Path:
 def atomic_path(path: str | Path):
     """Yields a temp path to write; renames it onto `path` on success, removes it on any failure."""
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise YoloqError(f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise YoloqError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
