@@ -21,10 +21,12 @@ from yoloq.core.functional import fake_quantize
 class HessianAccumulator:
     """Accumulates H = E[x x^T] over im2col patches of a conv's input, on a random subset of positions."""
 
-    def __init__(self, conv: torch.nn.Conv2d, max_positions: int = 2048, seed: int = 0) -> None:
+    def __init__(self, conv: torch.nn.Conv2d, max_positions: int = 512, seed: int = 0) -> None:
+        # 512 patches per image: 64 images give 32k samples, over 10x the widest layer's d = 2304 (3x3x256), at a
+        # quarter of the cost of 2048; float32 sums are ample next to the 1% damping
         self.conv, self.max_positions = conv, max_positions
         d = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-        self.h = torch.zeros(d, d, dtype=torch.float64)
+        self.h = torch.zeros(d, d)
         self.n = 0
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -35,12 +37,11 @@ class HessianAccumulator:
         if cols.shape[0] > self.max_positions:
             idx = torch.randperm(cols.shape[0], generator=self.gen)[: self.max_positions]
             cols = cols[idx]
-        cols = cols.double()
         self.h += cols.T @ cols
         self.n += cols.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return (self.h / max(self.n, 1)).float()
+        return self.h / max(self.n, 1)
 
 
 def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
