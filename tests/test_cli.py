@@ -157,3 +157,20 @@ def test_official_name_offline_says_download(small_args, tmp_path, monkeypatch):
     monkeypatch.setattr(ultralytics, "YOLO", offline)
     monkeypatch.chdir(tmp_path)
     assert_clean_error(run("calibrate", "yolov8n.pt", *small_args, "--out", tmp_path / "x.qpt"), "could not download")
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed entry point (not CliRunner): domain and usage errors exit 2 with one line, help exits 0."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        code = "import sys; from yoloq.cli import main; sys.argv = ['yoloq', *sys.argv[1:]]; main()"
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+
+    for args in (["calibrate", "yolov8n.yaml", "--data", tmp_path / "none"], ["calibrate", "m.pt", "--data", ".", "--bits", "abc"],
+                 ["frobnicate"]):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert cli("--help").returncode == 0

@@ -1,6 +1,7 @@
-"""The Python API the CLI calls: calibrate, finetune, export, evaluate.
+"""The Python API the CLI calls: calibrate, save/load, export (evaluation lives in yoloq.runtime.evaluate).
 
 >>> from yoloq import api
+>>> from yoloq.recipe import Recipe
 >>> qm = api.calibrate("yolov8n.yaml", "images/", Recipe(images=4, imgsz=160))  # doctest: +SKIP
 >>> api.save(qm, "model.qpt"); api.export("model.qpt", "model.onnx")              # doctest: +SKIP
 """
@@ -44,7 +45,7 @@ def calibrate(source: str, data: str | Dataset, recipe: Recipe) -> QuantizedMode
     ds = ds.take(recipe.images)
     float_model = yolo.load_detector(source)
     model = build_quantized(yolo.prepare(float_model), recipe)
-    model = METHODS["ptq"](model, recipe, ds)
+    model = METHODS[recipe.method](model, recipe, ds)
     provenance = {
         "source": str(source),
         "source_sha256": _sha256(source),
@@ -70,8 +71,8 @@ def load_quantized(path: str | Path) -> QuantizedModel:
     p = Path(path)
     if not p.exists():
         raise YoloqError(f"quantized checkpoint not found: {path}")
-    qm = checkpoint.load(p)
     payload = checkpoint.read(p)
+    qm = checkpoint.load(p, payload)
     qm._yaml, qm._names = payload["model_yaml"], payload["names"]  # type: ignore[attr-defined]
     return qm
 

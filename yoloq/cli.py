@@ -23,19 +23,22 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def command(fn):
-    """Run a command; YoloqError (bad input) prints one line and exits 2 instead of a traceback."""
+def command(name: str | None = None):
+    """Register a command; YoloqError (bad input) prints one line and exits 2 instead of a traceback."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except YoloqError as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted")
+    def register(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except YoloqError as e:
+                _fail(str(e))
+            except KeyboardInterrupt:
+                _fail("interrupted")
 
-    return app.command()(wrapper)
+        return app.command(name)(wrapper)
+
+    return register
 
 
 def _bits(bits: Optional[int], wbits: Optional[int], abits: Optional[int]) -> dict:
@@ -56,7 +59,7 @@ def _write_json(path: str, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2))
 
 
-@command
+@command()
 def calibrate(
     model: Annotated[str, typer.Argument(help="Ultralytics detection checkpoint (.pt) or model YAML.")],
     data: Data,
@@ -85,9 +88,9 @@ def calibrate(
     typer.echo(f"wrote {out} ({r.name}, {r.observer}, {qm.provenance['calibration_images']} images)")
 
 
-@command
+@command()
 def export(
-    qckpt: Annotated[str, typer.Argument(help="Quantized checkpoint from `yoloq calibrate` or `yoloq finetune`.")],
+    qckpt: Annotated[str, typer.Argument(help="Quantized checkpoint from `yoloq calibrate`.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Write ONNX (the only target for now).")] = False,
     format: Annotated[str, typer.Option("--format", help="qdq (int8 kernels in ORT) | fake (float graph).")] = "qdq",
     pack: Annotated[Optional[str], typer.Option(help="int4: store <=4-bit weights as ONNX int4 (smaller, slower in ORT).")] = None,
@@ -106,7 +109,7 @@ def export(
     typer.echo(f"wrote {out} ({rep['format']}{', int4 weights' if pack else ''}, {rep['bytes'] / 1e6:.1f} MB)")
 
 
-@app.command("eval")
+@command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help=".pt, model YAML, quantized checkpoint, or .onnx (ONNX Runtime CPU).")],
     data: Data,
@@ -120,13 +123,6 @@ def eval_(
     threads: Annotated[int, typer.Option(help="CPU threads for inference.")] = 2,
 ):
     """Measure mAP against labels, fidelity against a reference model, and speed."""
-    try:
-        _eval(model, data, reference, json_out, conf, iou, max_det, images, imgsz, threads)
-    except YoloqError as e:
-        _fail(str(e))
-
-
-def _eval(model, data, reference, json_out, conf, iou, max_det, images, imgsz, threads):
     from rich.console import Console
 
     from yoloq.data.datasets import resolve_data
@@ -137,6 +133,8 @@ def _eval(model, data, reference, json_out, conf, iou, max_det, images, imgsz, t
 
     if not 0 <= conf <= 1 or not 0 <= iou <= 1:
         raise YoloqError("--conf and --iou must be between 0 and 1")
+    if max_det < 1 or threads < 1:
+        raise YoloqError("--max-det and --threads must be at least 1")
     if json_out:
         check_writable(json_out)
     ds = resolve_data(data).take(images)
@@ -161,8 +159,18 @@ def _eval(model, data, reference, json_out, conf, iou, max_det, images, imgsz, t
 
 
 def main() -> None:
-    # Typer's own usage errors already exit 2; anything else unexpected still shows its traceback (a bug to report)
-    app(prog_name="yoloq")
+    """Entry point. Usage errors (unknown option, a word where a number belongs) become one line and exit 2 too;
+    anything else unexpected keeps its traceback: that is a bug to report."""
+    try:
+        rc = app(prog_name="yoloq", standalone_mode=False)  # returns (not raises) the code of a typer.Exit
+    except typer.Exit as e:
+        rc = e.exit_code
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter", "BadOptionUsage", "BadArgumentUsage"):
+            typer.echo(f"error: {getattr(e, 'format_message', lambda: str(e))()}", err=True)
+            sys.exit(2)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

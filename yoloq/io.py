@@ -12,7 +12,7 @@ from yoloq.errors import YoloqError
 
 def check_writable(path: str | Path) -> Path:
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
         raise YoloqError(f"output path is a directory: {path}")
     if not parent.is_dir():
@@ -40,6 +40,9 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):

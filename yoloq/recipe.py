@@ -19,7 +19,7 @@ from yoloq.errors import YoloqError
 class Recipe:
     weight_bits: int = 8
     act_bits: int = 8
-    observer: str = "minmax"  # minmax | percentile | mse
+    observer: str = "mse"  # minmax | percentile | mse
     # both seed papers keep the first conv and the head's last 1x1 convs at 8 bits; low-bit there costs most accuracy
     keep_first_last_8bit: bool = True
     # quantizing the SiLU gate lets ORT run SiLU as QLinearSigmoid + QLinearMul instead of float (about 1.5x faster)
@@ -34,6 +34,15 @@ class Recipe:
     method: str = "ptq"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = {"int": int, "bool": bool, "str": str}[f.type]
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise YoloqError(f"recipe key {f.name} must be {f.type}, got {v!r}")
+        from yoloq.methods import METHODS
+
+        if self.method not in METHODS:
+            raise YoloqError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         for k in ("weight_bits", "act_bits"):
             v = getattr(self, k)
             if not isinstance(v, int) or not 2 <= v <= 8:
@@ -66,8 +75,8 @@ class Recipe:
     def from_yaml(cls, path: str | Path) -> "Recipe":
         try:
             d = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise YoloqError(f"unreadable recipe {path}: {e}") from None
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise YoloqError(f"unreadable recipe {path}: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise YoloqError(f"recipe {path} must be a mapping")
         return cls.from_dict(d)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -21,17 +23,24 @@ def progress() -> Progress:
     )
 
 
+@contextlib.contextmanager
+def hide_on_error(bar: Progress):
+    """A task on `bar` that disappears if the block fails, so the error stays the only line printed."""
+    task = bar.add_task("", total=None, info="")
+    try:
+        yield task
+    except BaseException:
+        bar.update(task, visible=False)
+        raise
+
+
 def track(iterable, total: int, description: str):
-    """Iterate with a progress bar; a failure hides the bar so the error stays the only line printed."""
-    with progress() as p:
-        task = p.add_task(description, total=total, info="")
-        try:
-            for item in iterable:
-                yield item
-                p.advance(task)
-        except BaseException:
-            p.update(task, visible=False)
-            raise
+    """Iterate with a progress bar (hidden again if the loop fails)."""
+    with progress() as p, hide_on_error(p) as task:
+        p.update(task, total=total, description=description)
+        for item in iterable:
+            yield item
+            p.advance(task)
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:

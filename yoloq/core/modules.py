@@ -90,7 +90,7 @@ class QConv2d(nn.Module):
         With bias_correction, b <- b - conv(E[x], W_q - W): the output's expected shift caused by rounding the
         weights is put back into the bias (empirical bias correction; padding borders are ignored).
         """
-        wq, w = self.weight_quantizer, self.conv.weight.detach()
+        wq, w = self.weight_quantizer, self.conv.weight.detach().clone()  # GPTQ overwrites the weight below
         wq.observe()
         if in_sq is not None and hasattr(wq._observer, "importance"):
             wq._observer.importance = self._per_weight(in_sq)
@@ -123,8 +123,8 @@ class QConv2d(nn.Module):
         """Below 8 bits, cap the pre-SiLU range at SiLU^-1 of the output's top, so the output never exceeds its
         low-bit range and the export needs no Clip (which would stop ORT fusing Sigmoid/Mul into int8 kernels).
 
-        Lossless: any larger pre-activation would have been clipped by the output quantizer anyway; the
-        accumulator gets a finer step in exchange.
+        Lossless up to the gate-rounding margin: any larger pre-activation would have been clipped by the output
+        quantizer anyway; the accumulator gets a finer step in exchange.
         """
         out, acc = self.output_quantizer, self.acc_quantizer
         if not self.silu or out.spec.bits >= 8 or not bool(out.calibrated) or not bool(acc.calibrated):

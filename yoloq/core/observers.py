@@ -4,7 +4,7 @@ Each observer needs one statistic (running min/max, or a histogram) and turns it
 - ``minmax``: the full observed range.
 - ``percentile``: the range holding all but ``tail`` of the mass on each side (from a histogram).
 - ``mse``: the range whose quantization minimises the expected squared error over the histogram
-  (for weights: over the weight values themselves, per channel).
+  (for weights: per channel, each weight's error weighted by its input channel's E[x^2] when given).
 
 >>> import torch
 >>> obs = make_observer("minmax")

@@ -1,6 +1,6 @@
 """FakeQuantizer: a tensor's quantizer with explicit phases.
 
-State has fixed names created at construction — ``scale`` (a parameter, frozen unless a method learns it),
+State has fixed names created at construction — ``scale`` (a parameter, frozen: requires_grad is off),
 ``zero_point`` and ``calibrated`` — so a quantized model round-trips through ``state_dict``.
 
 Phases, each a named call:
@@ -32,8 +32,8 @@ MIN_ACT_SCALE = 1e-4
 class QDQ(torch.autograd.Function):
     """Fake quantization that exports to ONNX as [Clip ->] QuantizeLinear -> DequantizeLinear.
 
-    Ranges below 8 bits live inside uint8/int8 Q/DQ: a Clip restricts values to the low-bit range first,
-    so ONNX Runtime reproduces the low-bit numerics with its int8 kernels.
+    Ranges below 8 bits live inside uint8/int8 Q/DQ: a Clip restricts values to the low-bit range first (left out
+    when the producer provably stays inside it), so ONNX Runtime reproduces the low-bit numerics with int8 kernels.
     """
 
     @staticmethod
@@ -132,7 +132,7 @@ class FakeQuantizer(nn.Module):
         return fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax)
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes of x, as int8/uint8 (for export and for baking learned rounding)."""
+        """Integer codes of x, as int8/uint8 (the weight initializers of the QDQ export)."""
         scale, zp = self._params(x)
         q = torch.clamp(torch.round(x / scale) + zp, self.spec.qmin, self.spec.qmax)
         return q.to(torch.int8 if self.spec.signed else torch.uint8)

@@ -36,6 +36,8 @@ class Dataset:
 
     def take(self, n: int | None) -> "Dataset":
         """The first n images (sorted by name, so runs are repeatable)."""
+        if n is not None and n < 1:
+            raise YoloqError(f"number of images must be at least 1, got {n}")
         if n is None or n >= len(self.images):
             return self
         return Dataset(self.images[:n], self.labels[:n] if self.labels else None, self.names, self.source, self.notes)
@@ -55,7 +57,7 @@ def _yolo_labels(images: list[Path]) -> list[np.ndarray] | None:
     for img, lp in zip(images, paths):
         rows = np.zeros((0, 5), np.float32)
         if lp.exists() and lp.stat().st_size:
-            rows = np.loadtxt(lp, ndmin=2, dtype=np.float32)[:, :5]
+            rows = _read_label_rows(lp)
             h, w = _image_hw(img)
             xc, yc, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
             rows = np.stack([rows[:, 0], xc - bw / 2, yc - bh / 2, xc + bw / 2, yc + bh / 2], 1)
@@ -63,11 +65,37 @@ def _yolo_labels(images: list[Path]) -> list[np.ndarray] | None:
     return out
 
 
-def _image_hw(p: Path) -> tuple[int, int]:
-    from PIL import Image
+def _read_label_rows(path: Path) -> np.ndarray:
+    """YOLO label rows as (n, 5) [cls, xc, yc, w, h]; segment rows (cls x1 y1 x2 y2 ...) become their bounding box."""
+    rows = []
+    for line in path.read_text().splitlines():
+        v = line.split()
+        if not v:
+            continue
+        try:
+            nums = [float(t) for t in v]
+        except ValueError:
+            raise YoloqError(f"malformed label row in {path}: {line[:60]!r}") from None
+        if len(nums) == 5:
+            rows.append(nums)
+        elif len(nums) >= 7 and len(nums) % 2 == 1:
+            xs, ys = nums[1::2], nums[2::2]
+            rows.append([nums[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)])
+        else:
+            raise YoloqError(f"malformed label row in {path}: {line[:60]!r}")
+    return np.array(rows, np.float32).reshape(-1, 5)
 
-    with Image.open(p) as im:
-        return im.height, im.width
+
+def _image_hw(p: Path) -> tuple[int, int]:
+    """Height and width after EXIF orientation, as cv2.imread (which feeds inference) sees the image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.height, im.width
+    except (OSError, UnidentifiedImageError):
+        raise YoloqError(f"unreadable image: {p}") from None
 
 
 def _coco_json(d: Path) -> Path | None:
@@ -110,7 +138,8 @@ def _from_dir(d: Path) -> Dataset:
         names = None
         for c in (d.parent / "classes.txt", d.parent.parent / "classes.txt"):
             if c.exists():
-                names = dict(enumerate(c.read_text().split("\n")))
+                names = dict(enumerate(n.strip() for n in c.read_text().splitlines() if n.strip()))
+                break
         return Dataset(images, labels, names, str(d))
     js = _coco_json(d)
     if js is not None:
@@ -126,16 +155,18 @@ def _from_dir(d: Path) -> Dataset:
 def _from_yaml(p: Path) -> Dataset:
     try:
         cfg = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise YoloqError(f"unreadable dataset YAML {p}: {e}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise YoloqError(f"unreadable dataset YAML {p}: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict) or not any(k in cfg for k in ("val", "train", "test")):
         raise YoloqError(f"dataset YAML {p} has no 'val' or 'train' entry")
-    root = Path(cfg.get("path") or p.parent)
-    if not root.is_absolute():
-        root = (p.parent / root).resolve()
+    root = Path(cfg["path"]) if cfg.get("path") else p.parent
+    if not root.is_absolute() and cfg.get("path"):
+        root = p.parent / root  # Ultralytics resolves a relative `path` against the YAML's folder
     split = cfg.get("val") or cfg.get("test") or cfg.get("train")
     if isinstance(split, list):
         split = split[0]
+    if not isinstance(split, str):
+        raise YoloqError(f"dataset YAML {p}: 'val'/'train' must be a folder path, got {split!r}")
     d = root / split
     if not d.is_dir():
         raise YoloqError(f"dataset directory from {p.name} does not exist: {d}")
@@ -143,6 +174,8 @@ def _from_yaml(p: Path) -> Dataset:
     names = cfg.get("names")
     if isinstance(names, list):
         names = dict(enumerate(names))
+    if names is not None and not isinstance(names, dict):
+        raise YoloqError(f"dataset YAML {p}: 'names' must be a list or a mapping")
     ds.names = {int(k): str(v) for k, v in names.items()} if names else ds.names
     return ds
 

@@ -22,7 +22,7 @@ from yoloq.errors import YoloqError
 from yoloq.export.qdq import pack_int4, propagate_qdq
 from yoloq.io import atomic_path
 from yoloq.model import yolo
-from yoloq.ui import progress
+from yoloq.ui import hide_on_error, progress
 
 FORMATS = ("qdq", "fake")
 OPSET = 17
@@ -46,8 +46,8 @@ def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str
         q.export_mode = fmt
     report = {"path": str(out), "format": fmt, "pack": pack, "imgsz": imgsz}
     steps = ["trace", "graph passes", "check and write"]
-    with atomic_path(out) as tmp, progress() as bar:
-        task = bar.add_task("exporting", total=len(steps), info=steps[0])
+    with atomic_path(out) as tmp, progress() as bar, hide_on_error(bar) as task:
+        bar.update(task, total=len(steps), description="exporting", info=steps[0])
         m = _trace(model, tmp, imgsz)
         bar.update(task, advance=1, info=steps[1])
         if fmt == "qdq":

@@ -1,8 +1,10 @@
 """Post-training calibration: observe activation statistics on a few images, then freeze scales and zero points.
 
 Objective per quantizer (the observer decides): minmax covers the observed range; percentile drops a 1e-4 tail on
-each side; mse picks the clipping range minimising E[(Q(x) - x)^2] over a histogram of x. Weights are observed once,
-per output channel (mse: the clipping minimising the weights' own squared error).
+each side; mse picks the clipping range minimising E[(Q(x) - x)^2] over a histogram of x. Weights are frozen after
+the activations, per output channel: mse clipping minimises sum_j E[x_j^2] (Q(w_j) - w_j)^2 (each weight weighted by
+the power of its input channel); below 8 bits GPTQ then rounds them (min ||WX - QX||^2) and empirical bias correction
+puts the expected output shift back into the bias.
 """
 
 from __future__ import annotations

@@ -78,6 +78,8 @@ def load_predictor(model: str | Path, threads: int = 2, imgsz: int | None = None
         payload = checkpoint.read(p)
         if payload is not None:
             qm = checkpoint.load(p, payload)
+            if imgsz:
+                yolo.check_imgsz(imgsz)
             return TorchPredictor(qm.model, imgsz or qm.recipe.imgsz, threads, f"{p} ({qm.recipe.name} fake-quant)")
     size = imgsz or 640
     yolo.check_imgsz(size)
