@@ -29,7 +29,7 @@ from yoloq.data.datasets import iter_batches, resolve_data  # noqa: E402
 from yoloq.demo_model import demo_model_path  # noqa: E402
 from yoloq.export.onnx import export_float_onnx  # noqa: E402
 from yoloq.recipe import Recipe  # noqa: E402
-from yoloq.runtime.evaluate import evaluate  # noqa: E402
+from yoloq.runtime.evaluate import evaluate, reference_detections  # noqa: E402
 from yoloq.runtime.predictors import OrtPredictor  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
@@ -166,7 +166,7 @@ def main() -> None:
             continue
         paths[name] = Path(res)
 
-    ref = OrtPredictor(fp32, threads=2)
+    ref = reference_detections(OrtPredictor(fp32, threads=2), ev)
     for name, p in paths.items():
         r = evaluate(OrtPredictor(p, threads=2), ev, ref) if name != "FP32" else {"fidelity": 1.0, "fidelity_ci": [1.0, 1.0]}
         rows.setdefault(name, {}).update(fidelity=r["fidelity"], fidelity_ci=r["fidelity_ci"], mb=p.stat().st_size / 1e6)

@@ -22,7 +22,7 @@ from yoloq.data.datasets import resolve_data  # noqa: E402
 from yoloq.demo_model import demo_model_path  # noqa: E402
 from yoloq.export.onnx import export_float_onnx  # noqa: E402
 from yoloq.recipe import Recipe  # noqa: E402
-from yoloq.runtime.evaluate import evaluate  # noqa: E402
+from yoloq.runtime.evaluate import evaluate, reference_detections  # noqa: E402
 from yoloq.runtime.predictors import OrtPredictor  # noqa: E402
 from yoloq.ui import table  # noqa: E402
 
@@ -50,9 +50,10 @@ def main() -> None:
     console.print(f"[bold]model[/] {model}\n[bold]data[/]  {what}")
     ds = resolve_data(data)
     fp32 = export_float_onnx(model, out / "fp32.onnx", 640)
-    ref = OrtPredictor(fp32, threads=2)
+    ref_pred = OrtPredictor(fp32, threads=2)
+    base = evaluate(ref_pred, ds)
+    ref = reference_detections(ref_pred, ds)
     rows, reports = [], {}
-    base = evaluate(ref, ds, ref, bootstrap=0)
     for recipe in (Recipe(8, 8, "mse"), Recipe(4, 8, "mse")):
         qm = api.calibrate(model, ds, recipe)
         qpt = out / f"demo-{recipe.name.lower()}.qpt"

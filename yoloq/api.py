@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,20 +18,10 @@ from yoloq import checkpoint
 from yoloq.checkpoint import QuantizedModel
 from yoloq.data.datasets import Dataset, resolve_data
 from yoloq.errors import YoloqError
+from yoloq.io import sha256_file
 from yoloq.methods import METHODS, build_quantized
 from yoloq.model import yolo
 from yoloq.recipe import Recipe
-
-
-def _sha256(path: str) -> str | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_float(source: str):
@@ -48,7 +37,7 @@ def calibrate(source: str, data: str | Dataset, recipe: Recipe) -> QuantizedMode
     model = METHODS[recipe.method](model, recipe, ds)
     provenance = {
         "source": str(source),
-        "source_sha256": _sha256(source),
+        "source_sha256": sha256_file(source) if Path(source).is_file() else None,
         "data": ds.source,
         "calibration_images": len(ds.images),
         "created": datetime.now(timezone.utc).isoformat(),
@@ -58,23 +47,18 @@ def calibrate(source: str, data: str | Dataset, recipe: Recipe) -> QuantizedMode
         "python": platform.python_version(),
         "history": [{"step": "calibrate", "method": recipe.observer}],
     }
-    qm = QuantizedModel(model, recipe, provenance)
-    qm._yaml, qm._names = yolo.model_yaml(float_model), yolo.class_names(float_model)  # type: ignore[attr-defined]
-    return qm
+    return QuantizedModel(model, recipe, provenance, yolo.model_yaml(float_model), yolo.class_names(float_model))
 
 
 def save(qm: QuantizedModel, out: str | Path) -> Path:
-    return checkpoint.save(out, qm, qm._yaml, qm._names)  # type: ignore[attr-defined]
+    return checkpoint.save(out, qm)
 
 
 def load_quantized(path: str | Path) -> QuantizedModel:
     p = Path(path)
     if not p.exists():
         raise YoloqError(f"quantized checkpoint not found: {path}")
-    payload = checkpoint.read(p)
-    qm = checkpoint.load(p, payload)
-    qm._yaml, qm._names = payload["model_yaml"], payload["names"]  # type: ignore[attr-defined]
-    return qm
+    return checkpoint.load(p)
 
 
 def export(qckpt: str | Path | QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str | None = None, imgsz: int | None = None) -> dict:

@@ -25,6 +25,8 @@ class QuantizedModel:
     model: torch.nn.Module
     recipe: Recipe
     provenance: dict
+    model_yaml: dict  # the Ultralytics model YAML: rebuilds the structure on load
+    names: dict
 
 
 def _plain(obj):
@@ -32,13 +34,13 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def save(path: str | Path, qm: QuantizedModel, model_yaml: dict, names: dict) -> Path:
+def save(path: str | Path, qm: QuantizedModel) -> Path:
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "recipe": qm.recipe.to_dict(),
-        "model_yaml": _plain(model_yaml),
-        "names": {int(k): str(v) for k, v in names.items()},
+        "model_yaml": _plain(qm.model_yaml),
+        "names": {int(k): str(v) for k, v in qm.names.items()},
         "state_dict": {k: v.detach().cpu().clone() for k, v in qm.model.state_dict().items()},
         "provenance": _plain(qm.provenance),
     }
@@ -73,4 +75,4 @@ def load(path: str | Path, payload: dict | None = None) -> QuantizedModel:
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise YoloqError(f"{path}: checkpoint does not match its recipe ({len(missing)} missing, {len(unexpected)} unexpected)")
-    return QuantizedModel(model.eval(), recipe, payload["provenance"])
+    return QuantizedModel(model.eval(), recipe, payload["provenance"], payload["model_yaml"], payload["names"])

@@ -45,10 +45,7 @@ def _bits(bits: Optional[int], wbits: Optional[int], abits: Optional[int]) -> di
     """Explicit bit flags as recipe keys; --bits B means weights and activations at B bits."""
     if bits is not None and (wbits is not None or abits is not None):
         raise YoloqError("give either --bits or --wbits/--abits, not both")
-    w, a = (bits, bits) if bits is not None else (wbits, abits)
-    for name, v in (("weight", w), ("activation", a)):
-        if v is not None and not 2 <= v <= 8:
-            raise YoloqError(f"{name} bits must be from 2 to 8, got {v}")
+    w, a = (bits, bits) if bits is not None else (wbits, abits)  # ranges are checked by Recipe
     return {k: v for k, v in (("weight_bits", w), ("act_bits", a)) if v is not None}
 
 
@@ -77,7 +74,7 @@ def calibrate(
     from yoloq.io import check_writable
     from yoloq.recipe import Recipe
 
-    base = Recipe.from_yaml(recipe).to_dict() if recipe else Recipe(observer="mse").to_dict()
+    base = Recipe.from_yaml(recipe).to_dict() if recipe else Recipe().to_dict()
     base.update(_bits(bits, wbits, abits))
     base.update({k: v for k, v in (("observer", method), ("images", images), ("imgsz", imgsz)) if v is not None})
     r = Recipe.from_dict(base)

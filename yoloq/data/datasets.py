@@ -149,7 +149,7 @@ def _from_dir(d: Path) -> Dataset:
             raise YoloqError(f"unreadable COCO annotations {js}: {e}") from None
         if any(len(x) for x in labels):
             return Dataset(images, labels, names, str(d), [f"labels from {js.name}"])
-    return Dataset(images, None, None, str(d), ["no labels found"])
+    return Dataset(images, None, None, str(d))
 
 
 def _from_yaml(p: Path) -> Dataset:

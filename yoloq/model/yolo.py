@@ -18,7 +18,7 @@ import contextlib
 import copy
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Never let Ultralytics pip-install anything at run time; set before it is imported anywhere.
@@ -58,7 +58,6 @@ class Placement:
     observer: str = "minmax"
     keep_first_last_8bit: bool = True
     quantize_gate: bool = True
-    special: dict = field(default_factory=dict)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
@@ -146,8 +145,7 @@ def _last_conv(m: nn.Module) -> nn.Module:
 def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
     """Insert quantizers in place (see the module docstring for where and why). Returns the model."""
     eight = 8 if p.keep_first_last_8bit else None
-    first = model.model[0]
-    input_conv = {id(first.conv if isinstance(first, Conv) else first): 8}
+    first = model.model[0]  # the layer that sees the image
     needs_input: set[int] = set()
     for m in model.modules():
         if isinstance(m, C2f | SPPF | C2PSA):
@@ -171,11 +169,12 @@ def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
     def make(conv: nn.Conv2d, act, owner) -> QConv2d:
         wbits = p.weight_bits
         in_bits = p.act_bits if id(owner) in needs_input else None
-        if id(conv) in input_conv or id(owner) in input_conv:
+        is_first = owner is first
+        if is_first:
             wbits, in_bits = eight or p.weight_bits, 8
         out_bits = 8 if id(owner) in feeders else p.act_bits
         q = QConv2d(conv, act, wbits, out_bits, 8, p.observer, in_bits, p.quantize_gate)
-        if in_bits is not None and (id(conv) in input_conv or id(owner) in input_conv):
+        if is_first:
             # pixels are k/255, k = 0..255: exactly representable, so no calibration and no error
             q.input_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))
         return q

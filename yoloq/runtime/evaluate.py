@@ -127,8 +127,15 @@ def match_labels(ds: Dataset, model_names: dict[int, str]) -> tuple[list[np.ndar
     return out, note
 
 
+def reference_detections(reference, ds: Dataset, iou: float = 0.7, max_det: int = 300) -> dict:
+    """The reference model's detections with conf >= REFERENCE_CONF: compute once, pass to evaluate() for many models."""
+    dets, times = detect(reference, ds, REFERENCE_CONF, iou, max_det, f"reference {reference.kind}")
+    return {"label": reference.label, "dets": dets, "ms_median": float(np.median(times))}
+
+
 def evaluate(predictor, ds: Dataset, reference=None, conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
              bootstrap: int = 200) -> dict:
+    """Report for one model. `reference` is a predictor, or reference_detections() computed beforehand."""
     dets, times = detect(predictor, ds, conf, iou, max_det, f"evaluating {predictor.kind}")
     report = {
         "model": predictor.label,
@@ -148,11 +155,11 @@ def evaluate(predictor, ds: Dataset, reference=None, conf: float = 0.001, iou: f
     if why:
         report["notes"].append(why)
     if reference is not None:
-        ref_dets, ref_times = detect(reference, ds, REFERENCE_CONF, iou, max_det, f"reference {reference.kind}")
-        pseudo = [np.concatenate([d[:, 5:6], d[:, :4]], 1) for d in ref_dets]
+        ref = reference if isinstance(reference, dict) else reference_detections(reference, ds, iou, max_det)
+        pseudo = [np.concatenate([d[:, 5:6], d[:, :4]], 1) for d in ref["dets"]]
         r = coco_map(pseudo, dets, max_det, bootstrap=bootstrap)
-        report["reference"] = reference.label
-        report["reference_ms_median"] = float(np.median(ref_times))
+        report["reference"] = ref["label"]
+        report["reference_ms_median"] = ref["ms_median"]
         if r is None:
             report["notes"].append("the reference model detects nothing on these images: fidelity undefined")
         else:
