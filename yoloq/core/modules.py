@@ -130,9 +130,8 @@ class QConv2d(nn.Module):
         if not self.silu or out.spec.bits >= 8 or not bool(out.calibrated) or not bool(acc.calibrated):
             return
         s_out, z_out = float(out.scale), float(out.zero_point)
-        top = (out.spec.qmax - z_out) * s_out
-        lo = (acc.spec.qmin - float(acc.zero_point)) * float(acc.scale)
-        hi = (acc.spec.qmax - float(acc.zero_point)) * float(acc.scale)
+        top = out.real_range()[1]
+        lo, hi = acc.real_range()
         cap = silu_inverse(top)
         if top <= 0 or cap >= hi:
             return
@@ -144,8 +143,7 @@ class QConv2d(nn.Module):
 
     def max_output(self) -> float:
         """The largest post-SiLU value this layer can emit, given its accumulator and gate grids."""
-        acc = self.acc_quantizer
-        a = (acc.spec.qmax - float(acc.zero_point)) * float(acc.scale)
+        a = self.acc_quantizer.real_range()[1]
         g = torch.sigmoid(torch.tensor([a]))
         if self.gate_quantizer is not None:
             g = self.gate_quantizer(g)

@@ -106,6 +106,11 @@ class FakeQuantizer(nn.Module):
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
             self.calibrated.fill_(True)
 
+    def real_range(self) -> tuple[float, float]:
+        """The smallest and largest value a per-tensor quantizer can output."""
+        s, z = float(self.scale), float(self.zero_point)
+        return (self.spec.qmin - z) * s, (self.spec.qmax - z) * s
+
     @property
     def observing(self) -> bool:
         return self._observer is not None
