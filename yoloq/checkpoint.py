@@ -17,7 +17,7 @@ from yoloq.io import atomic_path
 from yoloq.recipe import Recipe
 
 FORMAT = "yoloq.quantized-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the head's final convs have no output quantizer
 
 
 @dataclass

@@ -59,7 +59,7 @@ def _head_outputs(model, graph_names: set[str]):
     pairs = []
     for rel, m in head.named_modules():
         if any(m is f for f in finals):
-            suffix = f"/{rel}/output_quantizer/DequantizeLinear_output_0"
+            suffix = f"/{rel}/Conv_output_0"
             hits = [n for n in graph_names if n.endswith(suffix)]
             assert len(hits) == 1, f"{suffix}: {hits}"
             pairs.append((hits[0], m))
@@ -87,7 +87,8 @@ def test_head_conv_outputs_agree_within_one_step(fam, level, qckpts, images_dir,
             qm.model(x)
             outs = sess.run([n for n, _ in pairs], {"images": x.numpy()})
             for (n, mod), got in zip(pairs, outs):
-                step = float(mod.output_quantizer.scale)
+                ref = captured[n]
+                step = (ref.max() - ref.min()) / 255  # the head's outputs are float: an 8-bit step of their range
                 close = np.abs(got - captured[n]) <= step * 1.001
                 agree += close.sum()
                 total += close.size

@@ -56,7 +56,7 @@ class QConv2d(nn.Module):
         conv: nn.Conv2d,
         act: nn.Module | None,
         weight_bits: int = 8,
-        act_bits: int = 8,
+        act_bits: int | None = 8,
         acc_bits: int = 8,
         observer: str = "minmax",
         input_bits: int | None = None,
@@ -76,7 +76,10 @@ class QConv2d(nn.Module):
         self.gate_quantizer = FakeQuantizer(GATE_SPEC) if self.silu and quantize_gate else None
         if self.gate_quantizer is not None:
             self.gate_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))
-        self.output_quantizer = FakeQuantizer(activation_spec(act_bits), observer=observer)
+        if act_bits is None and self.act is not None:
+            raise ValueError("a conv with an activation needs an output quantizer")
+        # act_bits=None: the output stays float (the head's last convs, whose outputs go straight to the decode)
+        self.output_quantizer = FakeQuantizer(activation_spec(act_bits), observer=observer) if act_bits else None
 
     def quantizers(self) -> dict[str, FakeQuantizer]:
         names = ("input_quantizer", "weight_quantizer", "acc_quantizer", "gate_quantizer", "output_quantizer")
@@ -176,7 +179,7 @@ class QConv2d(nn.Module):
         c = self.conv
         y = F.conv2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
         if self.act is None:
-            return self.output_quantizer(y)
+            return self.output_quantizer(y) if self.output_quantizer is not None else y
         y = self.acc_quantizer(y)
         if self.silu and self.output_quantizer.export_mode is not None:
             # derived from saved state (accumulator and gate grids), so a reloaded checkpoint exports the same graph

@@ -65,9 +65,6 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.register_buffer("calibrated", torch.tensor(False))
         self.enabled = True
-        # a floor on the calibrated lower bound, for tensors whose low tail does not matter (class logits below
-        # about -10 are scores < 5e-5); set by the placement, so it needs no saved state
-        self.lo_floor: float | None = None
         # the largest value the producer can emit, when it is bounded (set by the module that owns this quantizer)
         self.input_max: float | None = None
         self.export_mode: str | None = None
@@ -87,8 +84,6 @@ class FakeQuantizer(nn.Module):
         if self._observer is None:
             raise RuntimeError("freeze() called before observe()")
         lo, hi = self._observer.compute(self.spec)
-        if self.lo_floor is not None:
-            lo = torch.clamp(lo, min=self.lo_floor)
         self.set_range(lo, hi)
         self._observer = None
 
