@@ -213,3 +213,64 @@ def test_make_observer_kinds():
         assert isinstance(obs, HistogramObserver) and obs.mode == name
     # percentile on weights falls back to the weight MSE search
     assert isinstance(make_observer("percentile", weight_spec(8), weight=True), WeightMSEObserver)
+
+
+# ---- unilateral (SiLU outputs) --------------------------------------------------------------------------------------
+def test_silu_min_constant():
+    from yoloq.core.observers import SILU_ARGMIN, SILU_MIN
+
+    a = torch.linspace(-3, 0, 300_001, dtype=torch.float64)
+    y = a * torch.sigmoid(a)
+    assert SILU_MIN == pytest.approx(float(y.min()), abs=1e-10)
+    assert SILU_ARGMIN == pytest.approx(float(a[y.argmin()]), abs=1e-4)
+    assert SILU_MIN == pytest.approx(-0.2785, abs=1e-4)
+
+
+@pytest.mark.parametrize("pre", ["gaussian", "cubed_gaussian"])
+def test_unilateral_pins_silu_minimum_and_clips_the_tail(pre):
+    from yoloq.core.observers import OBSERVERS, SILU_MIN
+
+    assert "unilateral" in OBSERVERS
+    a = torch.randn(20_000, generator=_gen(10))
+    x = torch.nn.functional.silu(a if pre == "gaussian" else a**3)  # max ~4, or a long tail up to ~65
+    spec = activation_spec(4)
+    obs, mm = make_observer("unilateral"), make_observer("minmax")
+    assert isinstance(obs, HistogramObserver) and obs.mode == "unilateral"
+    for chunk in x.split(5000):
+        obs.update(chunk)
+        mm.update(chunk)
+    lo, hi = obs.compute(spec)
+    assert float(lo) == pytest.approx(SILU_MIN, abs=1e-3)
+    assert float(hi) < 0.8 * float(x.max())
+    # measured: 0.0035 vs 0.0057 (gaussian), 0.195 vs 0.311 (cubed)
+    assert _qmse(x, lo, hi, spec) < 0.95 * _qmse(x, *mm.compute(spec), spec)
+    # the zero point is rounded: the realised lower bound -zp * s is within half a step of the pin
+    s, z = choose_qparams(lo, hi, spec.qmin, spec.qmax, False)
+    assert abs(float(-z * s) - SILU_MIN) <= float(s) / 2 + 1e-6
+    # through a FakeQuantizer, as a recipe would use it
+    from yoloq.core.quantizer import FakeQuantizer
+
+    q = FakeQuantizer(spec, observer="unilateral")
+    q.observe()
+    q(x)
+    q.freeze()
+    assert q.real_range()[0] == pytest.approx(float(-z * s))
+
+
+def test_unilateral_lower_bound_rules():
+    from yoloq.core.observers import SILU_MIN
+
+    spec = activation_spec(8)
+    g = _gen(11)
+    cases = {
+        "relu": torch.relu(torch.randn(5000, generator=g)),  # never below 0: keeps its own minimum
+        "half_silu": 0.5 * torch.nn.functional.silu(torch.randn(5000, generator=g) * 2),  # min ~ -0.139 > pin
+        "pre_activation": torch.randn(5000, generator=g) * 3,  # min ~ -10 < pin: clipped at the pin
+    }
+    for name, x in cases.items():
+        obs = make_observer("unilateral")
+        obs.update(x)
+        lo, _ = obs.compute(spec)
+        assert float(lo) == pytest.approx(max(SILU_MIN, float(x.min())), abs=1e-7), name
+    # weights ignore the pin: per-channel symmetric MSE search
+    assert isinstance(make_observer("unilateral", weight_spec(8), weight=True), WeightMSEObserver)

@@ -18,11 +18,14 @@ torch.Size([1, 8, 8, 8])
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yoloq.core.adaround import AdaRound
 from yoloq.core.functional import silu_inverse
 from yoloq.core.qspec import QSpec, activation_spec, weight_spec
 from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
@@ -76,10 +79,12 @@ class QConv2d(nn.Module):
         self.gate_quantizer = FakeQuantizer(GATE_SPEC) if self.silu and quantize_gate else None
         if self.gate_quantizer is not None:
             self.gate_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))
+            self.gate_quantizer.fixed = True
         if act_bits is None and self.act is not None:
             raise ValueError("a conv with an activation needs an output quantizer")
         # act_bits=None: the output stays float (the head's last convs, whose outputs go straight to the decode)
         self.output_quantizer = FakeQuantizer(activation_spec(act_bits), observer=observer) if act_bits else None
+        self.rounding: AdaRound | None = None  # learned rounding, only while fine-tuning (see start_rounding)
 
     def quantizers(self) -> dict[str, FakeQuantizer]:
         names = ("input_quantizer", "weight_quantizer", "acc_quantizer", "gate_quantizer", "output_quantizer")
@@ -130,6 +135,9 @@ class QConv2d(nn.Module):
         quantizer anyway; the accumulator gets a finer step in exchange.
         """
         out, acc = self.output_quantizer, self.acc_quantizer
+        # a sparse output quantizer passes outliers on through its 8-bit branch: the accumulator must keep them
+        if not isinstance(out, FakeQuantizer):
+            return
         if not self.silu or out.spec.bits >= 8 or not bool(out.calibrated) or not bool(acc.calibrated):
             return
         s_out, z_out = float(out.scale), float(out.zero_point)
@@ -164,8 +172,29 @@ class QConv2d(nn.Module):
         with torch.no_grad():
             self.weight_quantizer.scale.copy_(torch.maximum(self.weight_quantizer.scale, floor))
 
+    def start_rounding(self) -> None:
+        """Fine-tuning: replace round-to-nearest of the weights by AdaRound's learnable rounding."""
+        wq = self.weight_quantizer
+        self.rounding = AdaRound(self.conv.weight, wq.scale, wq.spec.qmin, wq.spec.qmax)
+
+    @torch.no_grad()
+    def bake_rounding(self) -> None:
+        """Make the learned rounding hard and write it into the weights, which then lie on the weight grid."""
+        if self.rounding is None:
+            return
+        codes, s = self.rounding.hard_codes(), self.weight_quantizer.scale.detach()
+        self.conv.weight.copy_(codes * s.reshape((-1,) + (1,) * (codes.dim() - 1)))
+        self.rounding = None
+        self.fit_bias_to_int32()
+
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
+        if self.rounding is not None:
+            s = wq.scale
+            if wq.learning:  # LSQ gradient scale, N = weights per output channel
+                g = 1 / math.sqrt(self.conv.weight[0].numel() * wq.spec.qmax)
+                s = s * g + (s - s * g).detach()
+            return self.rounding(s)
         w = wq(self.conv.weight)
         if wq.export_mode is not None and wq.enabled and bool(wq.calibrated):
             codes = wq.int_repr(self.conv.weight.detach()).cpu().numpy()
@@ -181,7 +210,7 @@ class QConv2d(nn.Module):
         if self.act is None:
             return self.output_quantizer(y) if self.output_quantizer is not None else y
         y = self.acc_quantizer(y)
-        if self.silu and self.output_quantizer.export_mode is not None:
+        if self.silu and isinstance(self.output_quantizer, FakeQuantizer) and self.output_quantizer.export_mode is not None:
             # derived from saved state (accumulator and gate grids), so a reloaded checkpoint exports the same graph
             self.output_quantizer.input_max = self.max_output()
         if self.silu:

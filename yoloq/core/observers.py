@@ -5,6 +5,12 @@ Each observer needs one statistic (running min/max, or a histogram) and turns it
 - ``percentile``: the range holding all but ``tail`` of the mass on each side (from a histogram).
 - ``mse``: the range whose quantization minimises the expected squared error over the histogram
   (for weights: per channel, each weight's error weighted by its input channel's E[x^2] when given).
+- ``unilateral``: for SiLU outputs. The lower bound is pinned at the SiLU minimum ``SILU_MIN`` (about -0.2785),
+  the least value a SiLU can emit, so it needs no search; only the upper bound is searched by MSE (1-D). A tensor
+  whose observed minimum lies above the pin keeps its observed minimum (no codes spent on values it never takes).
+  ``choose_qparams`` then widens the range to hold 0 and rounds the zero point to an integer, so the realised lower
+  bound is -zp * s, within half a step of -0.2785. A pre-activation or any tensor reaching below the pin is clipped
+  there: the observer is meant for SiLU outputs only. Weights ignore it (weight MSE search, as for percentile).
 
 >>> import torch
 >>> obs = make_observer("minmax")
@@ -15,12 +21,45 @@ Each observer needs one statistic (running min/max, or a histogram) and turns it
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from yoloq.core.functional import choose_qparams, fake_quantize
 from yoloq.core.qspec import QSpec
 
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "unilateral")
+
+
+def _silu_argmin() -> float:
+    """Where x * sigmoid(x) is smallest: the root of its derivative's factor 1 + x * (1 - sigmoid(x)), by bisection
+    (positive at 0, negative at -5, decreasing in between)."""
+    lo, hi = -5.0, 0.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if 1 + mid * (1 - 1 / (1 + math.exp(-mid))) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
+
+
+SILU_ARGMIN = _silu_argmin()  # about -1.27846
+SILU_MIN = SILU_ARGMIN / (1 + math.exp(-SILU_ARGMIN))  # about -0.27846: no SiLU output is below it
+
+
+def histogram_sq_error(
+    centers: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec
+) -> torch.Tensor:
+    """sum_bins n * (Q(c) - c)^2 for each candidate range (lo[i], hi[i]): N times the expected squared error of
+    quantizing the histogram's values (each taken at its bin center) with that range."""
+    scale, zp = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    errs = []
+    for chunk in range(0, scale.numel(), 256):  # candidates x bins in bounded memory
+        s, z = scale[chunk : chunk + 256, None], zp[chunk : chunk + 256, None]
+        q = fake_quantize(centers[None], s, z, spec.qmin, spec.qmax)
+        errs.append(((q - centers[None]) ** 2 * counts[None]).sum(1))
+    return torch.cat(errs)
 
 
 def _channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -83,11 +122,19 @@ class HistogramObserver(MinMaxObserver):
         width = (edges[1] - edges[0]) / self.bins
         return edges[0] + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
 
+    def nonempty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin centers as float32, counts) of the bins that hold data."""
+        centers = self._centers(self.edges).float()
+        keep = self.hist > 0
+        return centers[keep], self.hist[keep]
+
     def compute(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hist is None:
             raise RuntimeError("observer saw no data")
         if self.mode == "percentile":
             return self._percentile()
+        if self.mode == "unilateral":
+            return self._unilateral(spec)
         return self._mse(spec)
 
     def _percentile(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,10 +149,7 @@ class HistogramObserver(MinMaxObserver):
 
     def _mse(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid search of (lo, hi) = (r_lo * min, r_hi * max) minimising sum_bins n * (q(c) - c)^2."""
-        centers = self._centers(self.edges).float()
-        counts = self.hist
-        keep = counts > 0
-        centers, counts = centers[keep], counts[keep]
+        centers, counts = self.nonempty()
         ratios = torch.linspace(0.05, 1.0, 40)
         lo0, hi0 = float(self.lo), float(self.hi)
         lo_c = (ratios * lo0) if lo0 < 0 else torch.tensor([lo0])
@@ -117,14 +161,19 @@ class HistogramObserver(MinMaxObserver):
         else:
             pairs_lo = lo_c[:, None].expand(-1, hi_c.numel()).reshape(-1)
             pairs_hi = hi_c[None, :].expand(lo_c.numel(), -1).reshape(-1)
-        scale, zp = choose_qparams(pairs_lo, pairs_hi, spec.qmin, spec.qmax, spec.symmetric)
-        errs = []
-        for chunk in range(0, scale.numel(), 256):
-            s, z = scale[chunk : chunk + 256, None], zp[chunk : chunk + 256, None]
-            q = fake_quantize(centers[None], s, z, spec.qmin, spec.qmax)
-            errs.append(((q - centers[None]) ** 2 * counts[None]).sum(1))
-        best = int(torch.argmin(torch.cat(errs)))
+        best = int(torch.argmin(histogram_sq_error(centers, counts, pairs_lo, pairs_hi, spec)))
         return pairs_lo[best].reshape(1), pairs_hi[best].reshape(1)
+
+    def _unilateral(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower bound pinned at max(SILU_MIN, observed min); upper bound r * max minimising the histogram's error.
+
+        1-D, so the grid is finer than the 2-D mse search's (128 ratios instead of 40)."""
+        centers, counts = self.nonempty()
+        lo, hi0 = max(SILU_MIN, float(self.lo)), float(self.hi)
+        hi_c = torch.linspace(0.02, 1.0, 128) * hi0 if hi0 > 0 else torch.tensor([hi0])
+        lo_c = torch.full_like(hi_c, lo)
+        best = int(torch.argmin(histogram_sq_error(centers, counts, lo_c, hi_c, spec)))
+        return lo_c[best].reshape(1), hi_c[best].reshape(1)
 
 
 class WeightMSEObserver(MinMaxObserver):
@@ -162,7 +211,8 @@ def make_observer(name: str, spec: QSpec | None = None, weight: bool = False):
     if name not in OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; choose from {', '.join(OBSERVERS)}")
     if weight:
-        # Weights are static: percentile makes no sense on them, so it falls back to the exact MSE search.
+        # Weights are static: percentile (and the SiLU pin of unilateral) make no sense on them, so they fall back
+        # to the exact MSE search.
         return MinMaxObserver(True, spec.axis) if name == "minmax" else WeightMSEObserver(spec.axis)
     if name == "minmax":
         return MinMaxObserver(spec.per_channel, spec.axis)

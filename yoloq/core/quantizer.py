@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from yoloq.core.functional import broadcast_shape, choose_qparams, fake_quantize
+import math
+
+from yoloq.core.functional import broadcast_shape, choose_qparams, fake_quantize, lsq_fake_quantize
 from yoloq.core.observers import make_observer
 from yoloq.core.qspec import QSpec
 
@@ -68,6 +70,10 @@ class FakeQuantizer(nn.Module):
         # the largest value the producer can emit, when it is bounded (set by the module that owns this quantizer)
         self.input_max: float | None = None
         self.export_mode: str | None = None
+        # fine-tuning (not saved): QDrop-style probability of passing an element through unquantized
+        self.drop_prob = 0.0
+        # a grid fixed by construction (the image's 1/255, the SiLU gate's): never calibrated or learned
+        self.fixed = False
         self._observer = None
 
     def extra_repr(self) -> str:
@@ -110,6 +116,19 @@ class FakeQuantizer(nn.Module):
     def observing(self) -> bool:
         return self._observer is not None
 
+    def learn(self, on: bool = True) -> None:
+        """Fine-tuning: make the step size learnable (LSQ); the zero point stays fixed."""
+        self.scale.requires_grad_(on)
+
+    @property
+    def learning(self) -> bool:
+        return self.scale.requires_grad
+
+    def clamp_scale(self, floor: float) -> None:
+        """Keep a learned step above `floor` (ORT's int32 bias needs activation steps >= MIN_ACT_SCALE)."""
+        with torch.no_grad():
+            self.scale.clamp_(min=floor)
+
     # ---- numerics -----------------------------------------------------------------------------------------------
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spec.per_channel:
@@ -128,7 +147,16 @@ class FakeQuantizer(nn.Module):
             clip = self.spec.qmin != 0 or self.input_max is None or round(self.input_max / scale) + zp > self.spec.qmax
             return QDQ.apply(x, scale, zp, self.spec.qmin, self.spec.qmax, self.spec.signed, clip)
         scale, zp = self._params(x)
-        return fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax)
+        if not self.learning:
+            y = fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax)
+        else:
+            # LSQ's gradient scale 1/sqrt(N * Qp), N the elements sharing one step (per sample)
+            n = x[0].numel() if not self.spec.per_channel else x.numel() // x.shape[self.spec.axis]
+            y = lsq_fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax, 1 / math.sqrt(n * self.spec.qmax))
+        if self.drop_prob > 0 and torch.is_grad_enabled():
+            # QDrop: random elements skip quantization, so the next layers see a mix (flatter loss surface)
+            y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
+        return y
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x, as int8/uint8 (the weight initializers of the QDQ export)."""
