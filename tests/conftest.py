@@ -59,3 +59,26 @@ def demo_model() -> str:
 def detection_images(images_dir) -> Path:
     """Real photos with people in them (the demo model detects people as 'Normal'/'Fall')."""
     return SHARED if SHARED.is_dir() else images_dir
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory) -> str:
+    """A random-init yolov8n whose activations keep their scale through the depth (data-dependent init: each conv
+    rescaled so its output has unit std on random images), saved as an Ultralytics checkpoint. Plain random init
+    shrinks activations ~1/3 per layer, so deep layers carry nothing to reconstruct."""
+    import torch
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    model = YOLO("yolov8n.yaml").model.eval()
+    x = torch.rand(4, 3, IMGSZ, IMGSZ)
+    for conv in [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]:
+        out = {}
+        h = conv.register_forward_hook(lambda m, i, o: out.setdefault("y", o))
+        with torch.no_grad():
+            model(x)
+            h.remove()
+            conv.weight.div_(out["y"].std().clamp_min(1e-6))
+    path = tmp_path_factory.mktemp("lively") / "lively-yolov8n.pt"
+    torch.save({"model": model}, path)
+    return str(path)

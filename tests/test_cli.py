@@ -174,3 +174,26 @@ def test_console_script_exit_codes(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
     assert cli("--help").returncode == 0
+
+
+def test_finetune_end_to_end_and_its_bad_inputs(lively_model, images_dir, tmp_path):
+    out, js = tmp_path / "ft.qpt", tmp_path / "ft.json"
+    r = run("finetune", lively_model, "--data", images_dir, "--bits", 4, "--images", 2, "--imgsz", IMGSZ,
+            "--iters", 2, "--out", out, "--json", js)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(js.read_text())
+    assert len(rep["units"]) == 22 and "sparse" in rep
+    payload = torch.load(out, weights_only=True)
+    assert payload["recipe"]["weight_rounding"] == "learned"
+    assert payload["provenance"]["history"][-1]["step"] == "finetune"
+    assert not Path(str(out) + ".partial").exists()
+    # a switch the method does not have
+    assert_clean_error(run("finetune", lively_model, "--data", images_dir, "--method", "adaround", "--no-dtr",
+                           "--out", tmp_path / "x.qpt"), "--no-dtr", "taskq")
+    assert_clean_error(run("finetune", lively_model, "--data", images_dir, "--method", "brecq"), "unknown fine-tuning method")
+    # bits that contradict the checkpoint; a checkpoint whose weights are already rounded
+    assert_clean_error(run("finetune", out, "--data", images_dir, "--bits", 8, "--out", tmp_path / "y.qpt"), "bit")
+    assert_clean_error(run("finetune", out, "--data", images_dir, "--iters", 1, "--images", 2,
+                           "--out", tmp_path / "z.qpt"), "already rounded")
+    assert not (tmp_path / "z.qpt").exists()
+    assert_clean_error(run("finetune", lively_model, "--data", images_dir, "--iters", 0), "iters")

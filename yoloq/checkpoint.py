@@ -34,8 +34,9 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def save(path: str | Path, qm: QuantizedModel) -> Path:
-    payload = {
+def payload(qm: QuantizedModel) -> dict:
+    """The checkpoint's contents: plain data and tensors only."""
+    return {
         "format": FORMAT,
         "version": VERSION,
         "recipe": qm.recipe.to_dict(),
@@ -44,8 +45,11 @@ def save(path: str | Path, qm: QuantizedModel) -> Path:
         "state_dict": {k: v.detach().cpu().clone() for k, v in qm.model.state_dict().items()},
         "provenance": _plain(qm.provenance),
     }
+
+
+def save(path: str | Path, qm: QuantizedModel) -> Path:
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save(payload(qm), tmp)
     return Path(path)
 
 

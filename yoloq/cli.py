@@ -106,6 +106,54 @@ def export(
     typer.echo(f"wrote {out} ({rep['format']}{', int4 weights' if pack else ''}, {rep['bytes'] / 1e6:.1f} MB)")
 
 
+@command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="Float model (.pt / YAML) or a quantized checkpoint with unrounded weights.")],
+    data: Data,
+    bits: Annotated[Optional[int], typer.Option(help="Weights and activations at B bits (2-8). Default 4.")] = None,
+    wbits: Annotated[Optional[int], typer.Option(help="Weight bits (2-8).")] = None,
+    abits: Annotated[Optional[int], typer.Option(help="Activation bits (2-8).")] = None,
+    method: Annotated[str, typer.Option(help="taskq | block-mse | qdrop | adaround.")] = "taskq",
+    iters: Annotated[Optional[int], typer.Option(help="Optimisation steps per unit (block, head unit or conv). Default 300.")] = None,
+    images: Annotated[Optional[int], typer.Option(help="Calibration / reconstruction images. Default 32.")] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Input size (multiple of 32). Default 640.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (crops, QDrop masks).")] = 0,
+    no_sparse: Annotated[bool, typer.Option("--no-sparse", help="taskq: no sparse outlier branch.")] = False,
+    no_dtr: Annotated[bool, typer.Option("--no-dtr", help="taskq: no detection-aware loss on head units.")] = False,
+    no_stahq: Annotated[bool, typer.Option("--no-stahq", help="taskq: the head as one block, not six units.")] = False,
+    out: Annotated[Optional[str], typer.Option(help="Quantized checkpoint to write (progress kept in OUT.partial).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the per-unit report as JSON.")] = None,
+):
+    """Recover low-bit accuracy by reconstruction against the float model (TASKQ; baselines for comparison)."""
+    from rich.console import Console
+
+    from yoloq import api
+    from yoloq.io import check_writable
+    from yoloq.methods.taskq import TaskQConfig
+    from yoloq.ui import table
+
+    switches = {"sparse": no_sparse, "dtr": no_dtr, "stahq": no_stahq}
+    if method != "taskq" and any(switches.values()):
+        bad = next(k for k, v in switches.items() if v)
+        raise YoloqError(f"--no-{bad} applies to --method taskq only ({method} has no {bad} component)")
+    cfg = TaskQConfig.preset(method, seed=seed, **({"iters": iters} if iters is not None else {}),
+                             **{k: False for k, v in switches.items() if v})
+    b = _bits(bits, wbits, abits)
+    out = out or f"{Path(model).stem}-{method}.qpt"
+    check_writable(out)
+    if json_out:
+        check_writable(json_out)
+    qm, rep = api.finetune(model, data, cfg, out, b.get("weight_bits"), b.get("act_bits"), images, imgsz)
+    rows = [[u["unit"], f"{u['loss_before']:.4g}", f"{u['loss_after']:.4g}", f"{u['seconds']:.1f}"] for u in rep["units"]]
+    Console().print(table(f"yoloq finetune {method} {qm.recipe.name}", ["unit", "loss before", "loss after", "s"], rows))
+    chosen = [r for r in rep["sparse"] if r["chosen"]]
+    for r in chosen:
+        typer.echo(f"sparse branch: {r['tensor']} (error -{100 * r['gain']:.0f}%, outliers {100 * r['outlier_fraction']:.2f}%)")
+    if json_out:
+        _write_json(json_out, rep)
+    typer.echo(f"wrote {out} ({qm.recipe.name}, {method}, {len(rep['units'])} units)")
+
+
 @command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help=".pt, model YAML, quantized checkpoint, or .onnx (ONNX Runtime CPU).")],
@@ -118,13 +166,23 @@ def eval_(
     images: Annotated[Optional[int], typer.Option(help="Use the first N images.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help="Input size for PyTorch models (ONNX files carry theirs).")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for inference.")] = 2,
+    harmony: Annotated[bool, typer.Option("--harmony", help=(
+        "Also measure harmony (HQOD): |class score - IoU| of the true positives (IoU >= 0.5 with a box of their class) "
+        "among the detections NMS keeps with score > --conf; the share with gap < 0.1, and its histogram. Ground "
+        "truth: the labels, else the --reference's detections (score > 0.25). With labels and --reference, the "
+        "reference's harmony too. Runs the model once more."))] = False,
+    harmony_plot: Annotated[Optional[str], typer.Option(help=(
+        "PNG of the harmony histograms (needs --harmony). Default: beside --json as NAME.harmony.png "
+        "(r.json -> r.harmony.png), else harmony.png in the current directory."))] = None,
 ):
-    """Measure mAP against labels, fidelity against a reference model, and speed."""
+    """Measure mAP against labels, fidelity against a reference model, and speed (and, with --harmony, how well
+    class scores agree with box quality)."""
     from rich.console import Console
 
     from yoloq.data.datasets import resolve_data
     from yoloq.io import check_writable
-    from yoloq.runtime.evaluate import evaluate
+    from yoloq.runtime import harmony as hm
+    from yoloq.runtime.evaluate import detect, evaluate
     from yoloq.runtime.predictors import load_predictor
     from yoloq.ui import table
 
@@ -132,12 +190,24 @@ def eval_(
         raise YoloqError("--conf and --iou must be between 0 and 1")
     if max_det < 1 or threads < 1:
         raise YoloqError("--max-det and --threads must be at least 1")
+    if harmony_plot and not harmony:
+        raise YoloqError("--harmony-plot needs --harmony")
     if json_out:
         check_writable(json_out)
+    if harmony:
+        harmony_plot = harmony_plot or (str(Path(json_out).with_suffix(".harmony.png")) if json_out else "harmony.png")
+        check_writable(harmony_plot)
     ds = resolve_data(data).take(images)
     pred = load_predictor(model, threads, imgsz)
     ref = load_predictor(reference, threads, imgsz or pred.imgsz) if reference else None
-    rep = evaluate(pred, ds, ref, conf, iou, max_det)
+    if harmony:
+        hm.check_ground_truth(ds, pred.names, ref is not None)  # before any inference
+        ref_run = hm.reference_run(ref, ds, conf, iou, max_det) if ref else None  # one reference pass serves both
+        rep = evaluate(pred, ds, hm.for_fidelity(ref_run) if ref_run else None, conf, iou, max_det)
+        dets, _ = detect(pred, ds, conf, iou, max_det, f"harmony {pred.kind}")  # evaluate() keeps its detections
+        rep["harmony"] = hm.harmony_section(dets, pred.names, ds, ref_run, conf)
+    else:
+        rep = evaluate(pred, ds, ref, conf, iou, max_det)
     cols, row = ["model", "images"], [Path(model).name, rep["images"]]
     if "map50_95" in rep:
         cols += ["mAP50-95", "mAP50"]
@@ -149,10 +219,34 @@ def eval_(
     cols += ["ms median", "ms p90", "threads"]
     row += [f"{rep['ms_median']:.1f}", f"{rep['ms_p90']:.1f}", rep["threads"]]
     Console().print(table(f"yoloq eval ({rep['runtime']}, {rep['imgsz']}px)", cols, [row]))
+    if harmony:
+        _harmony_out(rep, Path(model).name, Path(reference).name if reference else None, harmony_plot)
     for n in rep["notes"]:
         typer.echo(f"note: {n}")
     if json_out:
         _write_json(json_out, rep)
+    if harmony:
+        typer.echo(f"wrote {harmony_plot}")
+
+
+def _harmony_out(rep: dict, model: str, reference: str | None, plot: str) -> None:
+    """Print the harmony table, write its plot, and fold its notes into the report's."""
+    from rich.console import Console
+
+    from yoloq.runtime.harmony import plot_harmony
+    from yoloq.ui import table
+
+    h = rep["harmony"]
+    named = ([(f"reference {reference}", h["reference"])] if reference else []) + [(model, h["model"])]
+    rows = [[name, "-", "-", "-", "not computed"] if r is None else
+            [name, r["tp"], "-" if r["share"] is None else f"{r['share']:.3f}",
+             "-" if r["mean_gap"] is None else f"{r['mean_gap']:.3f}", " ".join(map(str, r["counts"]))]
+            for name, r in named]
+    title = f"harmony: |score - IoU| of true positives (IoU >= {h['iou_thr']}) vs {h['ground_truth']}"
+    Console().print(table(title, ["model", "TPs", "gap < 0.1", "mean gap", "TPs per 0.1 of gap"], rows))
+    plot_harmony({name: r for name, r in named if r is not None}, plot)
+    h["plot"] = plot
+    rep["notes"] += h.pop("notes")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -27,16 +27,19 @@ class Recipe:
     # empirical bias correction below 8 bits: put the expected output shift caused by weight rounding back into the
     # bias. At 8 bits that shift is below the noise of its estimate (demo YOLOv8s W8A8 in ORT: 0.945 without, 0.926 with)
     bias_correction: bool = True
-    # weight rounding below 8 bits: "nearest", or "gptq" (error-compensated rounding using each conv's input Hessian)
+    # weight rounding below 8 bits: "nearest", or "gptq" (error-compensated rounding using each conv's input Hessian);
+    # "learned" marks weights whose rounding a fine-tuning method learned and wrote into them
     weight_rounding: str = "gptq"
     images: int = 64
     imgsz: int = 640
     method: str = "ptq"
+    # convs (module paths) whose SiLU output has a sparse 8-bit outlier branch (set by TASKQ fine-tuning)
+    sparse_tensors: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            kind = {"int": int, "bool": bool, "str": str}[f.type]
+            kind = {"int": int, "bool": bool, "str": str, "list": list}[f.type]
             if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
                 raise YoloqError(f"recipe key {f.name} must be {f.type}, got {v!r}")
         from yoloq.methods import METHODS
@@ -49,8 +52,10 @@ class Recipe:
                 raise YoloqError(f"{k.replace('_', ' ')} must be an integer from 2 to 8, got {v}")
         if self.observer not in OBSERVERS:
             raise YoloqError(f"unknown calibration method {self.observer!r}; choose from {', '.join(OBSERVERS)}")
-        if self.weight_rounding not in ("nearest", "gptq"):
-            raise YoloqError(f"weight_rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if self.weight_rounding not in ("nearest", "gptq", "learned"):
+            raise YoloqError(f"weight_rounding must be 'nearest', 'gptq' or 'learned', got {self.weight_rounding!r}")
+        if not all(isinstance(x, str) for x in self.sparse_tensors):
+            raise YoloqError("recipe key sparse_tensors must be a list of module paths")
         if self.images < 1:
             raise YoloqError(f"number of images must be at least 1, got {self.images}")
         if self.imgsz <= 0 or self.imgsz % 32:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from yoloq.methods import ptq
+from yoloq.errors import YoloqError
 from yoloq.recipe import Recipe
 
 METHODS = {
@@ -21,4 +22,14 @@ def build_quantized(model, recipe: Recipe):
         keep_first_last_8bit=recipe.keep_first_last_8bit,
         quantize_gate=recipe.quantize_gate,
     )
-    return yolo.quantize_model(model, placement)
+    model = yolo.quantize_model(model, placement)
+    if recipe.sparse_tensors:
+        from yoloq.core.sparse import SparseQuantizer
+
+        for path in recipe.sparse_tensors:
+            try:
+                m = model.get_submodule(path)
+            except AttributeError:
+                raise YoloqError(f"recipe names a sparse tensor that the model does not have: {path}") from None
+            m.output_quantizer = SparseQuantizer(m.output_quantizer.spec.bits, recipe.observer)
+    return model

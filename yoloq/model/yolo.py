@@ -176,6 +176,7 @@ def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
         if is_first:
             # pixels are k/255, k = 0..255: exactly representable, so no calibration and no error
             q.input_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))
+            q.input_quantizer.fixed = True
         return q
 
     for parent in list(model.modules()):
@@ -289,3 +290,80 @@ def letterbox(image, imgsz: int):
 def check_imgsz(imgsz: int) -> None:
     if imgsz <= 0 or imgsz % 32:
         raise YoloqError(f"image size must be a positive multiple of 32, got {imgsz}")
+
+
+# ---- fine-tuning: reconstruction units and the layer walk ------------------------------------------------------------
+@dataclass
+class Unit:
+    """A piece of the model reconstructed on its own against the float model.
+
+    Trunk units are Ultralytics layers (model.model[i]); head units are groups of Detect branches, each branch a
+    (task, scale) pair fed by the Detect input at that scale. `paths` name the module(s) in both models.
+    """
+
+    name: str
+    paths: list[str]
+    feeds: list[int]  # layer indices whose outputs are the unit's inputs (one per path for head units)
+    branches: list[tuple[str, int]]  # (task, scale) of each head branch; empty for trunk units
+
+    @property
+    def is_head(self) -> bool:
+        return bool(self.branches)
+
+
+def _sources(m: nn.Module, i: int) -> list[int]:
+    f = m.f if isinstance(m.f, list) else [m.f]
+    return [i - 1 if j == -1 else (j if j >= 0 else i + j) for j in f]
+
+
+def layer_sources(model: DetectionModel) -> list[list[int]]:
+    """For every layer, the indices of the layers whose outputs it reads (-1 for the image)."""
+    return [_sources(m, i) for i, m in enumerate(model.model)]
+
+
+def run_layer(model: DetectionModel, i: int, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Layer i on its inputs (as listed by layer_sources): a list for multi-input layers such as Concat."""
+    m = model.model[i]
+    return m(inputs if isinstance(m.f, list) else inputs[0])
+
+
+def reconstruction_units(model: DetectionModel, head_wise: bool = True) -> list[Unit]:
+    """Trunk layers that have convs, in order, then the Detect head: six units (box and class branch at each
+    of three scales) with head_wise, else one unit with all branches."""
+    units = []
+    head_idx = len(model.model) - 1
+    for i, m in enumerate(model.model[:-1]):
+        if any(isinstance(x, nn.Conv2d) for x in m.modules()):
+            units.append(Unit(f"layer {i} {type(m).__name__}", [f"model.{i}"], _sources(m, i), []))
+    head = model.model[-1]
+    prefix = "one2one_" if is_end2end(model) else ""
+    feeds = _sources(head, head_idx)
+    branches = [(task, s) for s in range(len(feeds)) for task in ("box", "cls")]
+    attr = {"box": f"{prefix}cv2", "cls": f"{prefix}cv3"}
+    paths = [f"model.{head_idx}.{attr[t]}.{s}" for t, s in branches]
+    strides = [int(x) for x in model.stride.tolist()]
+    if head_wise:
+        for (t, s), p in zip(branches, paths):
+            units.append(Unit(f"head {t} P{strides[s].bit_length() - 1}", [p], [feeds[s]], [(t, s)]))
+    else:
+        units.append(Unit("head", paths, [feeds[s] for _, s in branches], branches))
+    return units
+
+
+def decode_boxes(model: DetectionModel, box_out: torch.Tensor, scale: int) -> torch.Tensor:
+    """xyxy boxes in input pixels, (B, H*W, 4), from one scale's raw box-branch output (DFL where the head has it)."""
+    from ultralytics.utils.tal import dist2bbox, make_anchors
+
+    head = model.model[-1]
+    b, _, h, w = box_out.shape
+    stride = float(model.stride[scale])
+    anchors, _ = make_anchors([box_out], [stride], 0.5)
+    dist = head.dfl(box_out.reshape(b, -1, h * w))  # (B, 4, HW)
+    return dist2bbox(dist, anchors.transpose(0, 1).unsqueeze(0), xywh=False, dim=1).transpose(1, 2) * stride
+
+
+def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Plain IoU of corresponding xyxy boxes (..., 4) -> (...)."""
+    from ultralytics.utils.metrics import bbox_iou
+
+    return bbox_iou(a, b, xywh=False).squeeze(-1)

@@ -1,0 +1,127 @@
+"""TASKQ fine-tuning on a tiny random-init model: it lowers the reconstruction loss, resumes exactly, and the
+sparse branch survives save/load and export."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from yoloq import api
+from yoloq.methods import taskq
+from yoloq.methods.taskq import TaskQConfig
+from yoloq.recipe import Recipe
+
+SZ = 64
+TINY = {"batch": 2, "crop": 32, "eval_images": 2}
+
+
+@pytest.fixture(scope="module")
+def nearest_qckpt(tmp_path_factory, images_dir, lively_model):
+    """W4A4, MSE ranges, weights rounded to nearest (unrounded underneath: fine-tuning can start from it)."""
+    qm = api.calibrate(lively_model, str(images_dir), Recipe(4, 4, "mse", bias_correction=False,
+                                                              weight_rounding="nearest", images=2, imgsz=SZ))
+    return api.save(qm, tmp_path_factory.mktemp("tq") / "w4a4.qpt")
+
+
+def _finetune(qckpt, images_dir, out=None, **kw):
+    cfg = TaskQConfig.preset(kw.pop("method", "taskq"), **{**TINY, "sparse": False, **kw})
+    return api.finetune(str(qckpt), str(images_dir), cfg, out, images=2)
+
+
+def test_reconstruction_lowers_the_loss_of_every_kind_of_unit(nearest_qckpt, images_dir):
+    qm, rep = _finetune(nearest_qckpt, images_dir, iters=40)
+    units = rep["units"]
+    assert len(units) == 16 + 6  # yolov8n: 16 trunk layers with convs, six head units
+    before = sum(u["loss_before"] for u in units)
+    after = sum(u["loss_after"] for u in units)
+    assert after < 0.9 * before
+    improved = [u["unit"] for u in units if u["loss_after"] < u["loss_before"]]
+    assert len(improved) >= len(units) * 0.7, improved
+    assert any(u["unit"].startswith("head box") and "dtr" in u for u in units)
+    # the learned rounding is baked: every low-bit weight lies on its grid
+    from yoloq.core.modules import QConv2d
+
+    for m in qm.model.modules():
+        if isinstance(m, QConv2d):
+            assert m.rounding is None
+            codes = m.conv.weight / m.weight_quantizer.scale.view(-1, 1, 1, 1)
+            assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert qm.recipe.weight_rounding == "learned"
+
+
+def test_resume_after_an_interrupt_gives_the_uninterrupted_result(nearest_qckpt, images_dir, tmp_path, monkeypatch):
+    kw = {"iters": 4, "drop_prob": 0.5}  # QDrop masks too must replay exactly
+    full, _ = _finetune(nearest_qckpt, images_dir, tmp_path / "full.qpt", **kw)
+    calls = {"n": 0}
+    real = taskq._train_unit
+
+    def interrupt_at_fourth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(taskq, "_train_unit", interrupt_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(nearest_qckpt, images_dir, tmp_path / "resumed.qpt", **kw)
+    partial = api.partial_path(tmp_path / "resumed.qpt")
+    assert partial.exists() and not (tmp_path / "resumed.qpt").exists()
+    monkeypatch.setattr(taskq, "_train_unit", real)
+    calls["n"] = 0
+    resumed, rep = _finetune(nearest_qckpt, images_dir, tmp_path / "resumed.qpt", **kw)
+    assert not partial.exists()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(rep["units"]) == 22
+
+
+def test_resume_refuses_a_state_from_other_settings(nearest_qckpt, images_dir, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(taskq, "_train_unit", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(nearest_qckpt, images_dir, tmp_path / "m.qpt", iters=4)
+    monkeypatch.undo()
+    from yoloq.errors import YoloqError
+
+    with pytest.raises(YoloqError, match="other settings"):
+        _finetune(nearest_qckpt, images_dir, tmp_path / "m.qpt", iters=5)
+
+
+def test_sparse_branch_round_trips_and_exports_with_parity(nearest_qckpt, images_dir, tmp_path):
+    qm, rep = _finetune(nearest_qckpt, images_dir, iters=2, sparse=True, sparse_min_gain=0.0, sparse_max=2)
+    chosen = [r["tensor"] for r in rep["sparse"] if r["chosen"]]
+    assert len(chosen) == 2 and qm.recipe.sparse_tensors == chosen
+    assert all(r["outlier_fraction"] <= 0.011 for r in rep["sparse"])
+    path = api.save(qm, tmp_path / "s.qpt")
+    again = api.load_quantized(path)
+    x = torch.rand(1, 3, SZ, SZ)
+    with torch.no_grad():
+        ref = qm.model(x)[0]
+        assert torch.equal(again.model(x)[0], ref)
+    api.export(again, tmp_path / "s.onnx", imgsz=SZ)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    got = ort.InferenceSession(str(tmp_path / "s.onnx"), so, providers=["CPUExecutionProvider"]).run(
+        None, {"images": x.numpy()})[0]
+    # boxes in pixels and scores: ORT and PyTorch agree closely (one-step flips stay local on a 64px model)
+    assert np.abs(got - ref.numpy()).max() < 1.0
+    assert np.median(np.abs(got - ref.numpy())) < 1e-3
+
+
+def test_layer_wise_adaround_runs_one_conv_at_a_time(nearest_qckpt, images_dir):
+    qm, rep = _finetune(nearest_qckpt, images_dir, method="adaround", iters=2)
+    assert len(rep["units"]) == 16 + 1  # the head is one unit, trained conv by conv
+    assert all(u["loss_after"] < u["loss_before"] for u in rep["units"][:4])
+
+
+def test_checkpoint_with_rounded_weights_is_refused(qckpts, images_dir):
+    from yoloq.errors import YoloqError
+
+    gptq = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=SZ))
+    with pytest.raises(YoloqError, match="already rounded"):
+        taskq.run(gptq, [torch.rand(1, 3, SZ, SZ)], TaskQConfig(**TINY, iters=1, sparse=False))

@@ -1,0 +1,511 @@
+"""TASKQ-style post-training fine-tuning: reconstruct the quantized model unit by unit against the float model.
+
+Phases (see docs/methods.md for the maths and the defaults):
+1. start: a calibrated model (activation ranges by MSE, weights rounded to nearest, still float underneath);
+2. sparse: on the low-bit SiLU outputs where it pays most, a dense + 8-bit outlier split (core/sparse.py);
+3. reconstruct, in model order: every trunk layer with weights (Conv, C2f/C3k2, SPPF, C2PSA...) is a block; the
+   Detect head is six units, box and class branch at each scale (STAHQ), or one block without it. Per unit, learn
+   the weights' rounding (AdaRound) together with the weight and activation step sizes (LSQ) to minimise
+   sum_c (f_q(x_q) - f(x))^2 on random crops of the cached feature maps: x_q from the already-reconstructed
+   quantized model, x and the target from the float one. Head units add DTR: confidence-weighted (1 - IoU) between
+   the boxes decoded from the quantized and float outputs, and a confidence-weighted class-score BCE;
+4. bake: hard rounding written into the weights; the export is the ordinary QDQ path.
+
+The baselines run through the same code: `block-mse` (BRECQ's block reconstruction with plain MSE, no Fisher
+weighting), `qdrop` (block-mse with QDrop's random dropping of activation quantization, p = 0.5) and `adaround`
+(layer-wise: one conv at a time, rounding only).
+
+Each finished unit is saved (atomically) to `<out>.partial`, so an interrupted run resumes where it stopped and
+ends with the result an uninterrupted run gives: every unit seeds its own random generator, and the cached features
+are rebuilt with the same operations in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yoloq.core.modules import QConv2d, iter_quantizers
+from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
+from yoloq.errors import YoloqError
+from yoloq.model import yolo
+from yoloq.ui import hide_on_error, progress
+
+STATE_FORMAT = "yoloq.finetune-state"
+
+
+@dataclass
+class TaskQConfig:
+    method: str = "taskq"
+    iters: int = 300  # optimisation steps per unit
+    batch: int = 4  # crops per step
+    crop: int = 160  # crop side in input pixels (rounded to the largest stride)
+    seed: int = 0
+    sparse: bool = True  # sparse outlier branch on the SiLU outputs where it pays
+    sparse_max: int = 4  # at most this many tensors (each one costs int8 fusion of its consumers)
+    sparse_min_gain: float = 0.5  # ... and only where it removes at least this share of the quantization MSE
+    dtr: bool = True  # detection-aware loss on head units
+    stahq: bool = True  # head as six units (scale x task) instead of one block
+    layer_wise: bool = False  # one conv at a time (AdaRound) instead of blocks
+    learn_steps: bool = True  # learn weight and activation step sizes (LSQ) with the rounding
+    drop_prob: float = 0.0  # QDrop
+    round_weight: float = 0.01  # lambda of the rounding regulariser
+    warmup: float = 0.2  # share of steps without the regulariser
+    lr_round: float = 1e-2  # AdaRound's 1e-3 assumes ~20k steps; V must travel ~2.4 to reach h = 0 or 1
+    lr_scale: float = 1e-3  # Adam step for step sizes, relative to each quantizer's initial step
+    lambda_iou: float = 1.0
+    lambda_cls: float = 1.0
+    eval_images: int = 4  # images on which each unit's loss is reported before and after
+
+    def __post_init__(self) -> None:
+        if self.method not in PRESETS:
+            raise YoloqError(f"unknown fine-tuning method {self.method!r}; choose from {', '.join(PRESETS)}")
+        for k in ("iters", "batch", "crop", "eval_images"):
+            if getattr(self, k) < 1:
+                raise YoloqError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if not 0 <= self.drop_prob < 1:
+            raise YoloqError(f"drop probability must be in [0, 1), got {self.drop_prob}")
+
+    @classmethod
+    def preset(cls, method: str, **overrides) -> "TaskQConfig":
+        if method not in PRESETS:
+            raise YoloqError(f"unknown fine-tuning method {method!r}; choose from {', '.join(PRESETS)}")
+        return cls(method=method, **{**PRESETS[method], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# what each baseline switches off (all share the code above)
+PRESETS: dict[str, dict] = {
+    "taskq": {},
+    "block-mse": {"sparse": False, "dtr": False, "stahq": False},
+    "qdrop": {"sparse": False, "dtr": False, "stahq": False, "drop_prob": 0.5},
+    "adaround": {"sparse": False, "dtr": False, "stahq": False, "layer_wise": True, "learn_steps": False},
+}
+
+
+# ---- feature caches ------------------------------------------------------------------------------------------------
+class FeatureCache:
+    """Every layer output still needed later, per image, for the quantized and the float model.
+
+    advance(i) computes layer i from its cached inputs (one image at a time, so a resumed run repeats the exact
+    same operations) and frees the outputs no later layer reads.
+    """
+
+    def __init__(self, qmodel, fpmodel, images: list[torch.Tensor]) -> None:
+        self.q, self.fp = qmodel, fpmodel
+        self.sources = yolo.layer_sources(qmodel)
+        n = len(qmodel.model)
+        self.last_use = {-1: 0}
+        for i, src in enumerate(self.sources):
+            for j in src:
+                self.last_use[j] = max(self.last_use.get(j, -1), i)
+        self.out = {"q": {-1: images}, "fp": {-1: images}}
+        self.n_layers = n
+
+    def inputs(self, path: str, i: int) -> list[list[torch.Tensor]]:
+        return [self.out[path][j] for j in self.sources[i]]
+
+    @torch.no_grad()
+    def advance(self, i: int, paths=("q", "fp")) -> None:
+        for path in paths:
+            model = self.q if path == "q" else self.fp
+            ins = self.inputs(path, i)
+            self.out[path][i] = [yolo.run_layer(model, i, [x[k] for x in ins]) for k in range(len(ins[0]))]
+            for j in self.sources[i]:
+                if self.last_use.get(j, -1) <= i and j in self.out[path] and j != -1:
+                    del self.out[path][j]
+
+
+# ---- crops ---------------------------------------------------------------------------------------------------------
+def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int) -> list[tuple[int, int, int, int]]:
+    """n (image, y0, x0, side) crops in input pixels, aligned to `align` (the coarsest stride used)."""
+    side = max(align, min(imgsz, crop) // align * align)
+    cells = (imgsz - side) // align + 1
+    out = []
+    for _ in range(n):
+        r = torch.randint(0, 1 << 30, (3,), generator=gen).tolist()
+        out.append((r[0], (r[1] % cells) * align, (r[2] % cells) * align, side))
+    return out
+
+
+def _cut(feats: list[torch.Tensor], boxes, imgsz: int) -> torch.Tensor:
+    parts = []
+    for img, y0, x0, side in boxes:
+        x = feats[img % len(feats)]
+        st = imgsz // x.shape[-1]
+        parts.append(x[..., y0 // st:(y0 + side) // st, x0 // st:(x0 + side) // st])
+    return torch.cat(parts)
+
+
+# ---- one unit --------------------------------------------------------------------------------------------------------
+class UnitTrainer:
+    """Reconstruct one unit: modules q_mods[k] (quantized) and fp_mods[k] (float) on inputs k."""
+
+    def __init__(self, cfg: TaskQConfig, qmodel, fpmodel, unit: yolo.Unit | None, q_mods, fp_mods, imgsz: int) -> None:
+        self.cfg, self.qmodel, self.fpmodel, self.unit = cfg, qmodel, fpmodel, unit
+        self.q_mods, self.fp_mods, self.imgsz = q_mods, fp_mods, imgsz
+        self.branches = unit.branches if unit is not None else []
+        self.convs = [m for q in q_mods for m in q.modules() if isinstance(m, QConv2d)]
+        self.act_quantizers = [q for m in q_mods for _, q in iter_quantizers(m) if not q.weight and not q.fixed]
+
+    # -- loss --
+    def outputs(self, xs_q, xs_fp):
+        q = [m(x) for m, x in zip(self.q_mods, xs_q)]
+        with torch.no_grad():
+            fp = [m(x) for m, x in zip(self.fp_mods, xs_fp)]
+        return q, fp
+
+    def loss(self, xs_q, xs_fp) -> tuple[torch.Tensor, dict]:
+        q, fp = self.outputs(xs_q, xs_fp)
+        rec = sum(((a - b) ** 2).sum(1).mean() for a, b in zip(q, fp))
+        parts = {"rec": float(rec.detach())}
+        if self.cfg.dtr and self.branches:
+            dtr = self._dtr(q, fp, xs_fp)
+            parts["dtr"] = float(dtr.detach())
+            rec = rec + dtr
+        return rec, parts
+
+    def _confidence(self, scale: int, x_fp: torch.Tensor) -> torch.Tensor:
+        """The float model's confidence per anchor at this scale (max class score): the DTR weights."""
+        cls = yolo.head_branches(self.fpmodel)["cls"][scale]
+        with torch.no_grad():
+            logits = cls(x_fp)
+        return logits.sigmoid().amax(1).flatten(1)  # (B, HW)
+
+    def _dtr(self, q, fp, xs_fp) -> torch.Tensor:
+        total = 0.0
+        for (task, scale), a, b, x_fp in zip(self.branches, q, fp, xs_fp):
+            w = self._confidence(scale, x_fp)
+            norm = w.sum().clamp_min(1e-6)
+            if task == "box":
+                iou = yolo.box_iou_pairs(yolo.decode_boxes(self.qmodel, a, scale),
+                                         yolo.decode_boxes(self.fpmodel, b, scale))
+                total = total + self.cfg.lambda_iou * (w * (1 - iou)).sum() / norm
+            else:
+                t = b.sigmoid()
+                # BCE against soft targets minus the targets' own entropy: zero when the scores agree
+                bce = F.binary_cross_entropy_with_logits(a, t, reduction="none") - \
+                    F.binary_cross_entropy_with_logits(b, t, reduction="none")
+                total = total + self.cfg.lambda_cls * (w * bce.sum(1).flatten(1)).sum() / norm
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, ins_q, ins_fp) -> float:
+        """Mean loss over whole feature maps of the first eval_images images (hard rounding if baked)."""
+        n = min(self.cfg.eval_images, len(ins_q[0]))
+        vals = [float(self.loss([x[k] for x in ins_q], [x[k] for x in ins_fp])[0]) for k in range(n)]
+        return sum(vals) / len(vals)
+
+    # -- training --
+    def setup(self) -> list[dict]:
+        groups = []
+        for m in self.convs:
+            m.start_rounding()
+            groups.append({"params": [m.rounding.v], "lr": self.cfg.lr_round})
+        if self.cfg.learn_steps:
+            for q in self.act_quantizers + [m.weight_quantizer for m in self.convs]:
+                q.learn(True)
+                groups.append({"params": [q.scale], "lr": self.cfg.lr_scale * float(q.scale.detach().mean())})
+        for q in self.act_quantizers:
+            q.drop_prob = self.cfg.drop_prob
+        return groups
+
+    def finish(self) -> None:
+        for q in self.act_quantizers + [m.weight_quantizer for m in self.convs]:
+            q.learn(False)
+            q.drop_prob = 0.0
+        for m in self.convs:
+            m.bake_rounding()
+            m.bound_accumulator()
+
+    def train(self, ins_q, ins_fp, seed: int, on_step=None) -> dict:
+        from yoloq.core.adaround import BetaSchedule
+
+        t0 = time.perf_counter()
+        before = self.evaluate(ins_q, ins_fp)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # QDrop masks
+        opt = torch.optim.Adam(self.setup())
+        beta = BetaSchedule(self.cfg.iters, self.cfg.warmup)
+        align = max(self.imgsz // x[0].shape[-1] for x in ins_q)
+        parts = {}
+        for t in range(self.cfg.iters):
+            boxes = _crop_boxes(gen, self.cfg.batch, self.imgsz, self.cfg.crop, align)
+            loss, parts = self.loss([_cut(x, boxes, self.imgsz) for x in ins_q], [_cut(x, boxes, self.imgsz) for x in ins_fp])
+            b = beta(t)
+            if b is not None:
+                reg = self.cfg.round_weight * sum(m.rounding.regularizer(b) for m in self.convs)
+                loss = loss + reg
+                parts["round"] = float(reg.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for q in self.act_quantizers:
+                q.clamp_scale(MIN_ACT_SCALE)
+            for m in self.convs:
+                m.weight_quantizer.clamp_scale(1e-8)
+            if on_step:
+                on_step(parts)
+        self.finish()
+        after = self.evaluate(ins_q, ins_fp)
+        return {"loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0, **parts}
+
+
+# ---- the whole model -------------------------------------------------------------------------------------------------
+def float_reference(qmodel: nn.Module) -> nn.Module:
+    """The float model: a copy with every quantizer switched off (valid while the weights are unrounded)."""
+    fp = copy.deepcopy(qmodel).eval()
+    for _, q in iter_quantizers(fp):
+        q.enabled = False
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    return fp
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _layer_index(unit: yolo.Unit) -> int | None:
+    return None if unit.is_head else int(unit.paths[0].split(".")[1])
+
+
+def _layer_wise_parts(qlayer, fplayer, ins_q, ins_fp):
+    """For AdaRound: each conv of a layer with its own inputs, captured by hooks (earlier convs already baked)."""
+    names = [n for n, m in qlayer.named_modules() if isinstance(m, QConv2d)]
+    for name in names:
+        qm, fm = qlayer.get_submodule(name) if name else qlayer, fplayer.get_submodule(name) if name else fplayer
+        got = {"q": [], "fp": []}
+        hq = qm.register_forward_pre_hook(lambda m, a: got["q"].append(a[0]))
+        hf = fm.register_forward_pre_hook(lambda m, a: got["fp"].append(a[0]))
+        with torch.no_grad():
+            for k in range(len(ins_q[0])):
+                qlayer(ins_q[0][k])
+                fplayer(ins_fp[0][k])
+        hq.remove()
+        hf.remove()
+        yield name, qm, fm, [got["q"]], [got["fp"]]
+
+
+def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, imgsz: int,
+                state: "ResumeState | None" = None) -> list[dict]:
+    """Fine-tune qmodel in place, unit by unit. Returns a report per unit."""
+    units = yolo.reconstruction_units(qmodel, head_wise=cfg.stahq)
+    cache = FeatureCache(qmodel, fpmodel, images)
+    done = state.done if state else 0
+    reports = list(state.reports) if state else []
+    layer_done = -1
+    with progress() as bar, hide_on_error(bar) as task:
+        bar.update(task, total=len(units), description=cfg.method)
+        for k, unit in enumerate(units):
+            i = _layer_index(unit)
+            if i is not None:
+                for j in range(layer_done + 1, i):  # parameter-free layers in between (Upsample, Concat)
+                    cache.advance(j)
+                layer_done = i - 1
+            if k >= done:
+                step = bar.add_task(f"  {unit.name}", total=cfg.iters, info="")
+                bar.update(step, total=cfg.iters * (len(_convs_of(qmodel, unit)) if cfg.layer_wise else 1))
+
+                def on_step(parts, step=step):
+                    bar.update(step, advance=1, info=" ".join(f"{k}={v:.4g}" for k, v in parts.items()))
+
+                reports.append(_train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed=cfg.seed * 100003 + k,
+                                           on_step=on_step))
+                bar.update(step, visible=False)
+                if state:
+                    state.save(qmodel, k + 1, reports)
+            if i is not None:
+                cache.advance(i)
+                layer_done = i
+            bar.update(task, advance=1, info=unit.name)
+    return reports
+
+
+def _convs_of(qmodel, unit) -> list[QConv2d]:
+    return [m for p in unit.paths for m in _module(qmodel, p).modules() if isinstance(m, QConv2d)]
+
+
+def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict:
+    if unit.is_head:
+        q_mods = [_module(qmodel, p) for p in unit.paths]
+        fp_mods = [_module(fpmodel, p) for p in unit.paths]
+        ins_q = [cache.out["q"][j] for j in unit.feeds]
+        ins_fp = [cache.out["fp"][j] for j in unit.feeds]
+    else:
+        i = _layer_index(unit)
+        q_mods, fp_mods = [qmodel.model[i]], [fpmodel.model[i]]
+        ins_q, ins_fp = cache.inputs("q", i), cache.inputs("fp", i)
+        if len(ins_q) != 1:
+            raise YoloqError(f"{unit.name}: layers with weights and several inputs are not supported")
+    if cfg.layer_wise and not unit.is_head:
+        parts = []
+        for n, (name, qm, fm, iq, ifp) in enumerate(_layer_wise_parts(q_mods[0], fp_mods[0], ins_q, ins_fp)):
+            r = UnitTrainer(cfg, qmodel, fpmodel, None, [qm], [fm], imgsz).train(iq, ifp, seed * 31 + n, on_step)
+            parts.append(r)
+        return {"unit": unit.name, "loss_before": sum(p["loss_before"] for p in parts),
+                "loss_after": sum(p["loss_after"] for p in parts), "seconds": sum(p["seconds"] for p in parts)}
+    if cfg.layer_wise:  # head branches, one conv at a time, each branch on its own input
+        parts = []
+        for b, (qm, fm, iq, ifp) in enumerate(zip(q_mods, fp_mods, ins_q, ins_fp)):
+            for n, (name, qc, fc, iq2, ifp2) in enumerate(_layer_wise_parts(qm, fm, [iq], [ifp])):
+                parts.append(UnitTrainer(cfg, qmodel, fpmodel, None, [qc], [fc], imgsz).train(iq2, ifp2, seed * 31 + 7 * b + n, on_step))
+        return {"unit": unit.name, "loss_before": sum(p["loss_before"] for p in parts),
+                "loss_after": sum(p["loss_after"] for p in parts), "seconds": sum(p["seconds"] for p in parts)}
+    r = UnitTrainer(cfg, qmodel, fpmodel, unit, q_mods, fp_mods, imgsz).train(ins_q, ins_fp, seed, on_step)
+    return {"unit": unit.name, **r}
+
+
+# ---- resume ----------------------------------------------------------------------------------------------------------
+class ResumeState:
+    """`<out>.partial`: the float reference, the settings, and the model after each finished unit."""
+
+    def __init__(self, path: Path, cfg: TaskQConfig, fingerprint: dict) -> None:
+        self.path, self.cfg, self.fingerprint = path, cfg, fingerprint
+        self.done, self.reports, self.payload = 0, [], None
+
+    def load(self) -> bool:
+        """Read an earlier run's state; False when there is none. A state from other settings is an error."""
+        if not self.path.exists():
+            return False
+        try:
+            p = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            raise YoloqError(f"unreadable fine-tuning state {self.path}; delete it to start over") from None
+        if not isinstance(p, dict) or p.get("format") != STATE_FORMAT:
+            raise YoloqError(f"{self.path} is not a yoloq fine-tuning state; delete it to start over")
+        if p["config"] != self.cfg.to_dict() or p["fingerprint"] != self.fingerprint:
+            raise YoloqError(f"{self.path} was written by a run with other settings or inputs; "
+                             "use the same command, or delete it to start over")
+        self.payload, self.done, self.reports = p, int(p["done"]), list(p["reports"])
+        return True
+
+    def start(self, checkpoint_payload: dict, fp_state: dict) -> None:
+        self.payload = {"format": STATE_FORMAT, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
+                        "checkpoint": checkpoint_payload, "fp_state": fp_state, "done": 0, "reports": []}
+
+    def save(self, qmodel, done: int, reports: list[dict]) -> None:
+        from yoloq.io import atomic_path
+
+        self.payload["checkpoint"]["state_dict"] = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
+        self.payload["done"], self.payload["reports"] = done, [dict(r) for r in reports]
+        self.done, self.reports = done, reports
+        with atomic_path(self.path) as tmp:
+            torch.save(self.payload, tmp)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def check_startable(qmodel) -> None:
+    """Reconstruction needs the float weights underneath the quantizers: refuse checkpoints whose weights were
+    already rounded in place (GPTQ, bias correction or an earlier fine-tuning)."""
+    for m in qmodel.modules():
+        if isinstance(m, QConv2d) and m.rounding is None:
+            wq = m.weight_quantizer
+            if wq.spec.bits < 8 and bool(wq.calibrated):
+                codes = m.conv.weight.detach() / wq.scale.detach().reshape(-1, 1, 1, 1)
+                if torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() > 1:
+                    raise YoloqError("this checkpoint's weights are already rounded (GPTQ or fine-tuned); "
+                                     "fine-tune from the float model (.pt) instead")
+
+
+def sparse_candidates(qmodel) -> dict[str, QConv2d]:
+    """SiLU outputs below 8 bits: the long-tailed tensors the sparse branch is for."""
+    return {n: m for n, m in qmodel.named_modules()
+            if isinstance(m, QConv2d) and m.silu and isinstance(m.output_quantizer, FakeQuantizer)
+            and m.output_quantizer.spec.bits < 8}
+
+
+# ---- sparse branch placement -----------------------------------------------------------------------------------------
+class _Tee(nn.Module):
+    """Calibration only: feeds x to `observer` (which records it) and returns `through(x)`."""
+
+    def __init__(self, observer: nn.Module, through: nn.Module | None) -> None:
+        super().__init__()
+        self.observer, self.through = observer, through
+
+    def forward(self, x):
+        self.observer(x)
+        return self.through(x) if self.through is not None else x
+
+
+@torch.no_grad()
+def place_sparse(qmodel, images: list[torch.Tensor], cfg: TaskQConfig) -> list[dict]:
+    """Give the sparse outlier branch to the SiLU outputs where it removes the most quantization error.
+
+    Every candidate is measured on the calibration images with its accumulator un-capped (the tail must be seen):
+    the best plain quantizer's MSE against the best dense + sparse split's. The `sparse_max` largest reductions that
+    remove at least `sparse_min_gain` of the error get the branch, and an 8-bit accumulator range that keeps the
+    tail. Returns the measurements of every candidate, chosen ones marked.
+    """
+    from yoloq.core.qspec import activation_spec
+    from yoloq.core.sparse import SparseQuantizer
+
+    cands = sparse_candidates(qmodel)
+    probes = {}
+    for name, m in cands.items():
+        sq, acc = SparseQuantizer(m.output_quantizer.spec.bits, m.output_quantizer.observer_name), \
+            FakeQuantizer(activation_spec(8), observer="mse")
+        sq.observe()
+        acc.observe()
+        probes[name] = (sq, acc, m.acc_quantizer, m.output_quantizer)
+        m.acc_quantizer, m.output_quantizer = _Tee(acc, None), _Tee(sq, m.output_quantizer)
+    try:
+        for x in images:
+            qmodel(x)
+    finally:
+        for name, (sq, acc, old_acc, old_out) in probes.items():
+            cands[name].acc_quantizer, cands[name].output_quantizer = old_acc, old_out
+    rows = []
+    for name, (sq, acc, _, _) in probes.items():
+        sq.freeze()
+        acc.freeze()
+        st = sq.stats()
+        gain = 1 - st["mse_sparse"] / max(st["mse_dense_only"], 1e-12)
+        rows.append({"tensor": name, "mse_dense": st["mse_dense_only"], "mse_sparse": st["mse_sparse"], "gain": gain,
+                     "outlier_fraction": st["outlier_fraction"], "chosen": False})
+    ranked = sorted((r for r in rows if r["gain"] >= cfg.sparse_min_gain),
+                    key=lambda r: r["mse_dense"] - r["mse_sparse"], reverse=True)
+    for r in ranked[: cfg.sparse_max]:
+        r["chosen"] = True
+        sq, acc, _, _ = probes[r["tensor"]]
+        cands[r["tensor"]].output_quantizer, cands[r["tensor"]].acc_quantizer = sq, acc
+    return rows
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------------
+def run(qm, images: list[torch.Tensor], cfg: TaskQConfig, state: ResumeState | None = None):
+    """Fine-tune a calibrated QuantizedModel (weights unrounded). Returns (QuantizedModel, report).
+
+    With `state`, finished units are saved as they complete and a state left by an interrupted run is continued.
+    """
+    from yoloq import checkpoint
+
+    if state is not None and state.load():
+        p = state.payload
+        qm = checkpoint.load("<fine-tuning state>", dict(p["checkpoint"]))
+        fp = checkpoint.load("<fine-tuning state>", {**p["checkpoint"], "state_dict": p["fp_state"]})
+        fpmodel, sparse_rows = float_reference(fp.model), p["sparse"]
+    else:
+        check_startable(qm.model)
+        fpmodel = float_reference(qm.model)
+        sparse_rows = place_sparse(qm.model, images, cfg) if cfg.sparse else []
+        qm.recipe.sparse_tensors = [r["tensor"] for r in sparse_rows if r["chosen"]]
+        if state is not None:
+            payload = checkpoint.payload(qm)
+            state.start(payload, {k: v.clone() for k, v in payload["state_dict"].items()})
+            state.payload["sparse"] = sparse_rows
+            state.save(qm.model, 0, [])
+    reports = reconstruct(qm.model, fpmodel, images, cfg, qm.recipe.imgsz, state)
+    qm.recipe.weight_rounding = "learned"
+    qm.provenance.setdefault("history", []).append({"step": "finetune", **cfg.to_dict()})
+    return qm, {"units": reports, "sparse": sparse_rows}
