@@ -1,0 +1,1 @@
+"""Training losses for quantization-aware fine-tuning of detectors."""
