@@ -28,6 +28,7 @@ from yoloq import api  # noqa: E402
 from yoloq.data.datasets import iter_batches, resolve_data  # noqa: E402
 from yoloq.demo_model import demo_model_path  # noqa: E402
 from yoloq.export.onnx import export_float_onnx  # noqa: E402
+from yoloq.methods.taskq import TaskQConfig  # noqa: E402
 from yoloq.recipe import Recipe  # noqa: E402
 from yoloq.runtime.evaluate import evaluate, reference_detections  # noqa: E402
 from yoloq.runtime.predictors import OrtPredictor  # noqa: E402
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--json", default=str(ROOT / "out" / "bench_ptq.json"))
     ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--iters", type=int, default=None, help="fine-tuning steps per unit (default: the method's)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -140,7 +142,8 @@ def main() -> None:
         "NNCF (Ultralytics OpenVINO int8 config)": lambda p: nncf_quantize(fp32, p, arrays),
     }
     variants = [(8, 8, "minmax", "gptq"), (8, 8, "percentile", "gptq"), (8, 8, "mse", "gptq"),
-                (4, 8, "mse", "nearest"), (4, 8, "mse", "gptq"), (4, 4, "mse", "nearest"), (4, 4, "mse", "gptq")]
+                (4, 8, "minmax", "gptq"), (4, 8, "percentile", "gptq"), (4, 8, "mse", "nearest"), (4, 8, "mse", "gptq"),
+                (4, 4, "minmax", "gptq"), (4, 4, "percentile", "gptq"), (4, 4, "mse", "nearest"), (4, 4, "mse", "gptq")]
     for w, a, obs, rounding in variants:
         recipe = Recipe(w, a, obs, images=args.calib_images, imgsz=args.imgsz, weight_rounding=rounding)
         # GPTQ applies below 8 bits only, so 8-bit rows need no rounding label
@@ -154,6 +157,23 @@ def main() -> None:
             return p
 
         builders[name] = build
+    # fine-tuning rows (TASKQ and the baselines through the same code; the ablations switch one part off)
+    finetunes = [("taskq", {}), ("taskq", {"sparse": False}), ("taskq", {"dtr": False}), ("taskq", {"stahq": False}),
+                 ("block-mse", {}), ("qdrop", {})]
+    for w, a in ((4, 8), (4, 4)):
+        for method, off in finetunes:
+            name = f"yoloq W{w}A{a} finetune {method}" + "".join(f" -{k}" for k in off)
+            cfg = TaskQConfig.preset(method, **off, **({"iters": args.iters} if args.iters else {}))
+
+            def build(p, w=w, a=a, cfg=cfg, name=name):
+                t = time.perf_counter()
+                qm, rep = api.finetune(model, calib, cfg, None, w, a, min(args.calib_images, 32), args.imgsz)
+                rows[name]["calib_s"] = time.perf_counter() - t
+                rows[name]["sparse"] = [r["tensor"] for r in rep["sparse"] if r["chosen"]]
+                api.export(qm, p)
+                return p
+
+            builders[name] = build
     only = set(args.only.split(",")) if args.only else None
     paths = {"FP32": fp32}
     for i, (name, fn) in enumerate(builders.items()):
@@ -179,7 +199,7 @@ def main() -> None:
     print(f"\nDemo YOLOv8s, {args.imgsz}px, calibration: {len(calib.images)} images of {calib.source}; "
           f"evaluation: {len(ev.images)} images of {ev.source}; ONNX Runtime CPU, 2 threads; {info['cpu']} "
           f"({', '.join(info['int8_isa'])})\n")
-    print("| method | fidelity | 95% CI | ms/img | speed-up | MB | calibrate s |\n|---|---|---|---|---|---|---|")
+    print("| method | fidelity | 95% CI | ms/img | speed-up | MB | calibrate / finetune s |\n|---|---|---|---|---|---|---|")
     for name, r in [("FP32", rows["FP32"])] + [(k, v) for k, v in rows.items() if k != "FP32"]:
         if "skipped" in r:
             print(f"| {name} | skipped: {r['skipped']} | | | | | |")

@@ -231,6 +231,7 @@ class UnitTrainer:
 
         t0 = time.perf_counter()
         before = self.evaluate(ins_q, ins_fp)
+        start = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.q_mods]
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # QDrop masks
         opt = torch.optim.Adam(self.setup())
@@ -256,7 +257,15 @@ class UnitTrainer:
                 on_step(parts)
         self.finish()
         after = self.evaluate(ins_q, ins_fp)
-        return {"loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0, **parts}
+        kept = after <= before
+        if not kept:  # a short schedule can end worse than it started (measured on whole maps): keep the start
+            for m, sd in zip(self.q_mods, start):
+                m.load_state_dict(sd)
+            with torch.no_grad():  # round-to-nearest written into the weights, as a baked rounding would be
+                for m in self.convs:
+                    m.conv.weight.copy_(m.weight_quantizer(m.conv.weight))
+            after = before
+        return {"loss_before": before, "loss_after": after, "kept": kept, "seconds": time.perf_counter() - t0, **parts}
 
 
 # ---- the whole model -------------------------------------------------------------------------------------------------
@@ -346,18 +355,12 @@ def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict
         ins_q, ins_fp = cache.inputs("q", i), cache.inputs("fp", i)
         if len(ins_q) != 1:
             raise YoloqError(f"{unit.name}: layers with weights and several inputs are not supported")
-    if cfg.layer_wise and not unit.is_head:
-        parts = []
-        for n, (name, qm, fm, iq, ifp) in enumerate(_layer_wise_parts(q_mods[0], fp_mods[0], ins_q, ins_fp)):
-            r = UnitTrainer(cfg, qmodel, fpmodel, None, [qm], [fm], imgsz).train(iq, ifp, seed * 31 + n, on_step)
-            parts.append(r)
-        return {"unit": unit.name, "loss_before": sum(p["loss_before"] for p in parts),
-                "loss_after": sum(p["loss_after"] for p in parts), "seconds": sum(p["seconds"] for p in parts)}
-    if cfg.layer_wise:  # head branches, one conv at a time, each branch on its own input
+    if cfg.layer_wise:  # one conv at a time, each module (layer or head branch) on its own input
         parts = []
         for b, (qm, fm, iq, ifp) in enumerate(zip(q_mods, fp_mods, ins_q, ins_fp)):
-            for n, (name, qc, fc, iq2, ifp2) in enumerate(_layer_wise_parts(qm, fm, [iq], [ifp])):
-                parts.append(UnitTrainer(cfg, qmodel, fpmodel, None, [qc], [fc], imgsz).train(iq2, ifp2, seed * 31 + 7 * b + n, on_step))
+            for n, (_, qc, fc, iq2, ifp2) in enumerate(_layer_wise_parts(qm, fm, [iq], [ifp])):
+                trainer = UnitTrainer(cfg, qmodel, fpmodel, None, [qc], [fc], imgsz)
+                parts.append(trainer.train(iq2, ifp2, seed * 31 + 7 * b + n, on_step))
         return {"unit": unit.name, "loss_before": sum(p["loss_before"] for p in parts),
                 "loss_after": sum(p["loss_after"] for p in parts), "seconds": sum(p["seconds"] for p in parts)}
     r = UnitTrainer(cfg, qmodel, fpmodel, unit, q_mods, fp_mods, imgsz).train(ins_q, ins_fp, seed, on_step)
