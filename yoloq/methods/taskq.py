@@ -102,13 +102,11 @@ class FeatureCache:
     def __init__(self, qmodel, fpmodel, images: list[torch.Tensor]) -> None:
         self.q, self.fp = qmodel, fpmodel
         self.sources = yolo.layer_sources(qmodel)
-        n = len(qmodel.model)
         self.last_use = {-1: 0}
         for i, src in enumerate(self.sources):
             for j in src:
                 self.last_use[j] = max(self.last_use.get(j, -1), i)
         self.out = {"q": {-1: images}, "fp": {-1: images}}
-        self.n_layers = n
 
     def inputs(self, path: str, i: int) -> list[list[torch.Tensor]]:
         return [self.out[path][j] for j in self.sources[i]]
@@ -279,10 +277,6 @@ def float_reference(qmodel: nn.Module) -> nn.Module:
     return fp
 
 
-def _module(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
 def _layer_index(unit: yolo.Unit) -> int | None:
     return None if unit.is_head else int(unit.paths[0].split(".")[1])
 
@@ -340,13 +334,13 @@ def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, i
 
 
 def _convs_of(qmodel, unit) -> list[QConv2d]:
-    return [m for p in unit.paths for m in _module(qmodel, p).modules() if isinstance(m, QConv2d)]
+    return [m for p in unit.paths for m in qmodel.get_submodule(p).modules() if isinstance(m, QConv2d)]
 
 
 def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict:
     if unit.is_head:
-        q_mods = [_module(qmodel, p) for p in unit.paths]
-        fp_mods = [_module(fpmodel, p) for p in unit.paths]
+        q_mods = [qmodel.get_submodule(p) for p in unit.paths]
+        fp_mods = [fpmodel.get_submodule(p) for p in unit.paths]
         ins_q = [cache.out["q"][j] for j in unit.feeds]
         ins_fp = [cache.out["fp"][j] for j in unit.feeds]
     else:
