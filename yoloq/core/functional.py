@@ -58,8 +58,12 @@ def lsq_fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, grad_scale: float
 ) -> torch.Tensor:
     """LSQ (Esser et al. 2020): fake_quantize whose step size is learnable, its gradient scaled by 1/sqrt(N * Qp)."""
-    s = scale * grad_scale + (scale - scale * grad_scale).detach()
-    return fake_quantize(x, s, zero_point, qmin, qmax)
+    return fake_quantize(x, scale_grad(scale, grad_scale), zero_point, qmin, qmax)
+
+
+def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t in the forward pass; its gradient multiplied by `factor` in the backward pass."""
+    return t * factor + (t - t * factor).detach()
 
 
 def broadcast_shape(x: torch.Tensor, axis: int) -> list[int]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloq.core.adaround import AdaRound
-from yoloq.core.functional import silu_inverse
+from yoloq.core.functional import scale_grad, silu_inverse
 from yoloq.core.qspec import QSpec, activation_spec, weight_spec
 from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
 
@@ -192,8 +192,7 @@ class QConv2d(nn.Module):
         if self.rounding is not None:
             s = wq.scale
             if wq.learning:  # LSQ gradient scale, N = weights per output channel
-                g = 1 / math.sqrt(self.conv.weight[0].numel() * wq.spec.qmax)
-                s = s * g + (s - s * g).detach()
+                s = scale_grad(s, 1 / math.sqrt(self.conv.weight[0].numel() * wq.spec.qmax))
             return self.rounding(s)
         w = wq(self.conv.weight)
         if wq.export_mode is not None and wq.enabled and bool(wq.calibrated):

@@ -74,9 +74,8 @@ class TaskQConfig:
 
     @classmethod
     def preset(cls, method: str, **overrides) -> "TaskQConfig":
-        if method not in PRESETS:
-            raise YoloqError(f"unknown fine-tuning method {method!r}; choose from {', '.join(PRESETS)}")
-        return cls(method=method, **{**PRESETS[method], **overrides})
+        """The method's switches, then the overrides (an unknown method is rejected by __post_init__)."""
+        return cls(method=method, **{**PRESETS.get(method, {}), **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,8 +111,8 @@ class FeatureCache:
         return [self.out[path][j] for j in self.sources[i]]
 
     @torch.no_grad()
-    def advance(self, i: int, paths=("q", "fp")) -> None:
-        for path in paths:
+    def advance(self, i: int) -> None:
+        for path in ("q", "fp"):
             model = self.q if path == "q" else self.fp
             ins = self.inputs(path, i)
             self.out[path][i] = [yolo.run_layer(model, i, [x[k] for x in ins]) for k in range(len(ins[0]))]
@@ -175,13 +174,17 @@ class UnitTrainer:
         """The float model's confidence per anchor at this scale (max class score): the DTR weights."""
         cls = yolo.head_branches(self.fpmodel)["cls"][scale]
         with torch.no_grad():
-            logits = cls(x_fp)
+            return self._max_score(cls(x_fp))
+
+    @staticmethod
+    def _max_score(logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid().amax(1).flatten(1)  # (B, HW)
 
     def _dtr(self, q, fp, xs_fp) -> torch.Tensor:
         total = 0.0
         for (task, scale), a, b, x_fp in zip(self.branches, q, fp, xs_fp):
-            w = self._confidence(scale, x_fp)
+            # a class unit's float output already is the float class branch at this scale
+            w = self._max_score(b) if task == "cls" else self._confidence(scale, x_fp)
             norm = w.sum().clamp_min(1e-6)
             if task == "box":
                 iou = yolo.box_iou_pairs(yolo.decode_boxes(self.qmodel, a, scale),
@@ -315,8 +318,8 @@ def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, i
                     cache.advance(j)
                 layer_done = i - 1
             if k >= done:
-                step = bar.add_task(f"  {unit.name}", total=cfg.iters, info="")
-                bar.update(step, total=cfg.iters * (len(_convs_of(qmodel, unit)) if cfg.layer_wise else 1))
+                steps = cfg.iters * (len(_convs_of(qmodel, unit)) if cfg.layer_wise else 1)
+                step = bar.add_task(f"  {unit.name}", total=steps, info="")
 
                 def on_step(parts, step=step):
                     bar.update(step, advance=1, info=" ".join(f"{k}={v:.4g}" for k, v in parts.items()))
@@ -385,9 +388,10 @@ class ResumeState:
         self.payload, self.done, self.reports = p, int(p["done"]), list(p["reports"])
         return True
 
-    def start(self, checkpoint_payload: dict, fp_state: dict) -> None:
+    def start(self, checkpoint_payload: dict, fp_state: dict, sparse_rows: list[dict]) -> None:
         self.payload = {"format": STATE_FORMAT, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
-                        "checkpoint": checkpoint_payload, "fp_state": fp_state, "done": 0, "reports": []}
+                        "checkpoint": checkpoint_payload, "fp_state": fp_state, "sparse": sparse_rows,
+                        "done": 0, "reports": []}
 
     def save(self, qmodel, done: int, reports: list[dict]) -> None:
         from yoloq.io import atomic_path
@@ -499,8 +503,7 @@ def run(qm, images: list[torch.Tensor], cfg: TaskQConfig, state: ResumeState | N
         qm.recipe.sparse_tensors = [r["tensor"] for r in sparse_rows if r["chosen"]]
         if state is not None:
             payload = checkpoint.payload(qm)
-            state.start(payload, {k: v.clone() for k, v in payload["state_dict"].items()})
-            state.payload["sparse"] = sparse_rows
+            state.start(payload, {k: v.clone() for k, v in payload["state_dict"].items()}, sparse_rows)
             state.save(qm.model, 0, [])
     reports = reconstruct(qm.model, fpmodel, images, cfg, qm.recipe.imgsz, state)
     qm.recipe.weight_rounding = "learned"
