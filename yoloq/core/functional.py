@@ -20,6 +20,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def ceil_ste(x: torch.Tensor) -> torch.Tensor:
+    """ceil(x) forward, identity backward (TQT's power-of-two steps)."""
+    return x + (torch.ceil(x) - x).detach()
+
+
 def choose_qparams(
     lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

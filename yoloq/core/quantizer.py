@@ -21,7 +21,7 @@ from torch import nn
 
 import math
 
-from yoloq.core.functional import broadcast_shape, choose_qparams, fake_quantize, lsq_fake_quantize
+from yoloq.core.functional import broadcast_shape, ceil_ste, choose_qparams, fake_quantize, lsq_fake_quantize
 from yoloq.core.observers import make_observer
 from yoloq.core.qspec import QSpec
 
@@ -74,6 +74,8 @@ class FakeQuantizer(nn.Module):
         self.drop_prob = 0.0
         # a grid fixed by construction (the image's 1/255, the SiLU gate's): never calibrated or learned
         self.fixed = False
+        # TQT (while training only): the step as 2^ceil(log2_scale), learned in log2 space; None otherwise
+        self.register_parameter("log2_scale", None)
         self._observer = None
 
     def extra_repr(self) -> str:
@@ -116,25 +118,54 @@ class FakeQuantizer(nn.Module):
     def observing(self) -> bool:
         return self._observer is not None
 
-    def learn(self, on: bool = True) -> None:
-        """Fine-tuning: make the step size learnable (LSQ); the zero point stays fixed."""
-        self.scale.requires_grad_(on)
+    def learn(self, on: bool = True, mode: str = "lsq") -> None:
+        """Fine-tuning: make the step size learnable; the zero point stays fixed.
+
+        mode "lsq": the step itself, with LSQ's gradient scale. mode "tqt": a power-of-two step 2^ceil(l) with l
+        learned in log2 space (ceil passes the gradient straight through), starting at the power of two at or above
+        the calibrated step so nothing that was in range gets clipped. Switching off writes a TQT step back into
+        `scale`, so the saved state has the same names either way.
+        """
+        if mode not in ("lsq", "tqt"):
+            raise ValueError(f"unknown step-size learning mode {mode!r}")
+        if self.log2_scale is not None and not (on and mode == "tqt"):
+            with torch.no_grad():
+                self.scale.copy_(self._step())
+            self.log2_scale = None
+        if on and mode == "tqt":
+            if self.log2_scale is None:
+                self.log2_scale = nn.Parameter(torch.log2(self.scale.detach()).ceil())
+            self.scale.requires_grad_(False)
+        else:
+            self.scale.requires_grad_(on)
 
     @property
     def learning(self) -> bool:
-        return self.scale.requires_grad
+        return self.scale.requires_grad or self.log2_scale is not None
+
+    def learned_parameters(self) -> list[nn.Parameter]:
+        return [self.log2_scale] if self.log2_scale is not None else [self.scale] if self.scale.requires_grad else []
+
+    def _step(self) -> torch.Tensor:
+        if self.log2_scale is None:
+            return self.scale
+        return torch.exp2(ceil_ste(self.log2_scale))
 
     def clamp_scale(self, floor: float) -> None:
         """Keep a learned step above `floor` (ORT's int32 bias needs activation steps >= MIN_ACT_SCALE)."""
         with torch.no_grad():
-            self.scale.clamp_(min=floor)
+            if self.log2_scale is not None:
+                self.log2_scale.clamp_(min=math.log2(floor))
+            else:
+                self.scale.clamp_(min=floor)
 
     # ---- numerics -----------------------------------------------------------------------------------------------
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self._step()
         if self.spec.per_channel:
             shape = broadcast_shape(x, self.spec.axis)
-            return self.scale.view(shape), self.zero_point.view(shape)
-        return self.scale, self.zero_point
+            return scale.view(shape), self.zero_point.view(shape)
+        return scale, self.zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observer is not None:

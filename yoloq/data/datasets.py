@@ -212,3 +212,23 @@ def iter_batches(ds: Dataset, imgsz: int):
     for i, p in enumerate(ds.images):
         im = load_image(p)
         yield i, im.shape[:2], preprocess(im, imgsz)
+
+
+def write_yolo(images: list[Path], labels: list[np.ndarray], root: Path) -> Path:
+    """A YOLO-format copy of a labelled set for Ultralytics' training pipeline: `root/images/` (links to the
+    images) and `root/labels/*.txt` (class, normalised centre and size). Returns the images folder."""
+    img_dir, lab_dir = root / "images", root / "labels"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(exist_ok=True)
+    for i, (p, g) in enumerate(zip(images, labels)):
+        link = img_dir / f"{i:06d}{p.suffix.lower()}"  # numbered: images from several folders may share a name
+        if not link.exists():
+            link.symlink_to(Path(p).resolve())
+        h, w = _image_hw(p)
+        rows = []
+        for c, x1, y1, x2, y2 in np.asarray(g, np.float64).reshape(-1, 5):
+            (x1, x2), (y1, y2) = np.clip([x1, x2], 0, w), np.clip([y1, y2], 0, h)
+            if x2 - x1 >= 1 and y2 - y1 >= 1:
+                rows.append(f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+        (lab_dir / f"{link.stem}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
+    return img_dir

@@ -367,3 +367,127 @@ def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from ultralytics.utils.metrics import bbox_iou
 
     return bbox_iou(a, b, xywh=False).squeeze(-1)
+
+
+# ---- quantization-aware training: Ultralytics' data pipeline, assigner and detection loss -----------------------------
+def training_hyp(**overrides):
+    """Ultralytics' default training hyperparameters (augmentation, loss gains) with `overrides`."""
+    from ultralytics.cfg import get_cfg
+
+    return get_cfg(overrides={"task": "detect", **overrides})
+
+
+def training_dataset(images_dir: str | Path, names: dict[int, str], imgsz: int, batch: int, augment: bool = True):
+    """Ultralytics' YOLODataset over a folder `images/` with YOLO labels in the sibling `labels/`, with its own
+    training augmentation (mosaic, HSV, flips, affine) at `imgsz`."""
+    from ultralytics.data.build import build_yolo_dataset
+
+    hyp = training_hyp(imgsz=imgsz)
+    data = {"names": dict(names), "nc": len(names), "channels": 3}
+    with _quiet():
+        return build_yolo_dataset(hyp, str(images_dir), batch, data, mode="train" if augment else "val", stride=32)
+
+
+def training_loader(dataset, batch: int, rank: int = -1, shuffle: bool = True):
+    """Ultralytics' dataloader (a DistributedSampler under DDP when rank >= 0); workers 0 keep CPU runs predictable."""
+    from ultralytics.data.build import build_dataloader
+
+    return build_dataloader(dataset, batch, workers=0, shuffle=shuffle, rank=rank, pin_memory=False, device="cpu")
+
+
+def training_outputs(model: DetectionModel, x: torch.Tensor, runner=None) -> dict:
+    """The deployed head's raw training outputs {"boxes", "scores", "feats"} with gradients to the whole trunk.
+
+    For end-to-end heads Ultralytics trains the one-to-one branch on detached features (the one-to-many branch trains
+    the trunk); yoloq deploys only the one-to-one branch, so its gradient must reach the trunk here. `runner` is
+    what to call instead of the model itself (its DistributedDataParallel wrapper).
+    """
+    runner = runner or model
+    head = model.model[-1]
+    if not is_end2end(model):
+        return runner(x)
+    head.forward = lambda feats: head.forward_head(feats, **head.one2one)
+    try:
+        return runner(x)
+    finally:
+        del head.forward
+
+
+def detection_loss(model: DetectionModel, hqod=None):
+    """Ultralytics' detection loss for the deployed head (v8DetectionLoss with the task-aligned assigner; the
+    one-to-one assignment of E2ELoss for end-to-end heads), plus HQOD's terms on the assigner's positives when
+    `hqod` (a yoloq.losses.hqod.HQODLossConfig) is given.
+
+    Call it as `loss(preds, batch) -> (total, items)`: total is scaled by the batch size as Ultralytics scales it,
+    items are floats per image {"box", "cls", "dfl" or "l1", "tcorr", "hiou"}.
+    """
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from yoloq.losses.hqod import hqod_loss, plain_iou
+
+    class Recorder:
+        """The assigner, keeping its last assignment (target labels) for the HQOD terms."""
+
+        def __init__(self, assigner):
+            self.assigner, self.last = assigner, None
+
+        def __call__(self, *args, **kwargs):
+            self.last = self.assigner(*args, **kwargs)
+            return self.last
+
+    class DetectionLoss(v8DetectionLoss):
+        def __init__(self):
+            args = getattr(model, "args", None)
+            if not hasattr(args, "box"):  # a YAML model has no args, a checkpoint a dict: loss gains from defaults
+                gains = {k: args[k] for k in ("box", "cls", "dfl") if k in args} if isinstance(args, dict) else {}
+                model.args = training_hyp(**gains)
+            topk = (7, 1) if is_end2end(model) else (10, None)
+            super().__init__(model, tal_topk=topk[0], tal_topk2=topk[1])
+            self.assigner = Recorder(self.assigner)
+
+        def loss(self, preds, batch):
+            bs = preds["boxes"].shape[0]
+            (fg, _, target_bboxes, anchors, strides), loss, items = self.get_assigned_targets_and_loss(preds, batch)
+            total = loss.sum() * bs
+            items = {k.replace("_loss", ""): float(v) for k, v in items.items()}
+            if hqod is not None:
+                target_labels = self.assigner.last[0]
+                scores = preds["scores"].permute(0, 2, 1)[fg]  # (positives, nc) logits
+                p = scores.sigmoid().gather(1, target_labels[fg].long().unsqueeze(1)).squeeze(1)
+                boxes = self.bbox_decode(anchors, preds["boxes"].permute(0, 2, 1).contiguous()) * strides
+                u = plain_iou(boxes[fg], target_bboxes[fg])
+                extra, parts = hqod_loss(p, u, hqod, gain=float(self.hyp.box) * bs)
+                total = total + extra
+                items.update({k: v / bs for k, v in parts.items()})  # per image, as Ultralytics' own items
+            return total, items
+
+    return DetectionLoss()
+
+
+def reg_max(model: DetectionModel) -> int:
+    """DFL bins per box side (1: the head regresses distances directly, as YOLO26's does)."""
+    return int(model.model[-1].reg_max)
+
+
+def start_epoch(loader, seed: int) -> None:
+    """Make an epoch's sampling and augmentation depend only on `seed`, so a resumed run repeats the epochs an
+    uninterrupted one would have run: reseed Python, NumPy and torch (Ultralytics' augmentations draw from all three)
+    and the loader's shuffling, and empty the mosaic's buffer of recently loaded images (it carries over epochs)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if hasattr(loader, "reset"):
+        loader.reset()  # a fresh pass over the sampler: the old one would draw one more permutation first
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seed)
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(seed)
+    ds = loader.dataset
+    if isinstance(getattr(ds, "buffer", None), list) and ds.cache != "ram":
+        # the buffer only grows when an image is read from disk, so the images kept with it go too
+        ds.buffer.clear()
+        ds.ims, ds.im_hw0, ds.im_hw = [None] * ds.ni, [None] * ds.ni, [None] * ds.ni
