@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.yoloq-installed
 # multi-GB torch build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-qat clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q nncf
 	$(PY) scripts/bench_ptq.py
+
+bench-qat: $(STAMP)
+	$(PY) scripts/bench_qat.py
 
 clean:
 	rm -rf out .pytest_cache

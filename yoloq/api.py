@@ -118,3 +118,87 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
         save(qm, out)
         state.remove()
     return qm, report
+
+
+def float_of(qm: QuantizedModel):
+    """The float model a checkpoint was made from: its source file when still there unchanged (sha256), else the
+    checkpoint's own weights with the quantizers off (exact unless they were rounded in place, as GPTQ does)."""
+    from yoloq.methods.taskq import float_reference
+
+    src, sha = qm.provenance.get("source"), qm.provenance.get("source_sha256")
+    if src and sha and Path(src).is_file() and sha256_file(src) == sha:
+        return load_float(src)
+    return float_reference(qm.model)
+
+
+def pseudo_labels(float_model, ds: Dataset, imgsz: int, conf: float = 0.25, iou: float = 0.7) -> list:
+    """The float model's detections (conf >= `conf`, after NMS) as labels, (n, 5) [cls, x1, y1, x2, y2] per image."""
+    from yoloq.runtime.evaluate import detect
+    from yoloq.runtime.predictors import TorchPredictor
+
+    pred = TorchPredictor(float_model, imgsz, torch.get_num_threads(), "float")
+    dets, _ = detect(pred, ds, conf, iou, 300, "pseudo-labels")
+    return [d[:, [5, 0, 1, 2, 3]] for d in dets]
+
+
+def training_labels(ds: Dataset, names: dict, float_model, use_pseudo: bool, imgsz: int) -> tuple[list, str]:
+    """Labels to train on, re-indexed to the model's classes, and where they come from."""
+    from yoloq.runtime.evaluate import match_labels
+
+    if use_pseudo:
+        return pseudo_labels(float_model, ds, imgsz), "pseudo-labels from the float model (conf >= 0.25)"
+    labels, why = match_labels(ds, names)
+    if labels is None:
+        raise YoloqError(f"cannot train on {ds.source}: {why}; add --pseudo-labels to train on the float model's "
+                         "own detections")
+    return labels, why or "labels from the data"
+
+
+def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int | None = None,
+        act_bits: int | None = None, images: int | None = None) -> tuple[QuantizedModel, dict]:
+    """Quantization-aware training (HQOD or plain LSQ/TQT, see yoloq.methods.qat); writes `out`.
+
+    `source` is a float model (.pt or YAML: calibrated here first, W4A4 by default, with the calibrate defaults) or
+    a quantized checkpoint. Progress is kept in `<out>.partial` after every epoch, and re-running with the same
+    arguments continues from there; under torchrun only rank 0 writes.
+    """
+    import shutil
+
+    from yoloq.data.datasets import write_yolo
+    from yoloq.methods import qat as qat_method
+
+    dist = qat_method.Dist.from_env(cfg.device)
+    ds = data if isinstance(data, Dataset) else resolve_data(data)
+    ds = ds.take(images)
+    payload = checkpoint.read(source) if Path(source).is_file() else None
+    if payload is not None:
+        qm = checkpoint.load(source, payload)
+        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+            if v is not None and v != getattr(qm.recipe, k):
+                raise YoloqError(f"{source} was calibrated with {k.replace('_', ' ')} {getattr(qm.recipe, k)}, "
+                                 f"not {v}; calibrate again or drop the flag")
+        float_model = float_of(qm)
+        recipe = qm.recipe
+    else:
+        float_model, qm = load_float(source), None
+        recipe = Recipe(weight_bits or 4, act_bits or 4, images=min(len(ds.images), 64))
+    work = Path(f"{out}.data")
+    fingerprint = {"source": str(source), "source_sha256": sha256_file(source) if Path(source).is_file() else None,
+                   "images": [str(p) for p in ds.images], "recipe": recipe.to_dict()}
+    state = qat_method.QATState(partial_path(out), cfg, fingerprint)
+    resuming = state.path.exists()
+    if qm is None and not resuming:
+        qm = calibrate(source, ds, recipe)
+    note = "labels of the interrupted run"
+    if dist.main and not (resuming and (work / "images").is_dir()):
+        labels, note = training_labels(ds, yolo.class_names(float_model), float_model, cfg.pseudo_labels, recipe.imgsz)
+        write_yolo(ds.images, labels, work)
+    dist.barrier()
+    qm, report = qat_method.run(qm, work / "images", cfg, state, dist, float_model if cfg.distill else None)
+    if dist.main:
+        report["labels"] = note
+        save(qm, out)
+        state.remove()
+        shutil.rmtree(work, ignore_errors=True)
+    dist.barrier()
+    return qm, report

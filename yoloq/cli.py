@@ -106,52 +106,123 @@ def export(
     typer.echo(f"wrote {out} ({rep['format']}{', int4 weights' if pack else ''}, {rep['bytes'] / 1e6:.1f} MB)")
 
 
+QAT_METHODS = ("hqod", "lsq")
+
+
 @command()
 def finetune(
-    model: Annotated[str, typer.Argument(help="Float model (.pt / YAML) or a quantized checkpoint with unrounded weights.")],
+    model: Annotated[str, typer.Argument(help="Float model (.pt / YAML) or a quantized checkpoint.")],
     data: Data,
     bits: Annotated[Optional[int], typer.Option(help="Weights and activations at B bits (2-8). Default 4.")] = None,
     wbits: Annotated[Optional[int], typer.Option(help="Weight bits (2-8).")] = None,
     abits: Annotated[Optional[int], typer.Option(help="Activation bits (2-8).")] = None,
-    method: Annotated[str, typer.Option(help="taskq | block-mse | qdrop | adaround.")] = "taskq",
-    iters: Annotated[Optional[int], typer.Option(help="Optimisation steps per unit (block, head unit or conv). Default 300.")] = None,
-    images: Annotated[Optional[int], typer.Option(help="Calibration / reconstruction images. Default 32.")] = None,
-    imgsz: Annotated[Optional[int], typer.Option(help="Input size (multiple of 32). Default 640.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (crops, QDrop masks).")] = 0,
+    method: Annotated[str, typer.Option(help=(
+        "PTQ reconstruction: taskq | block-mse | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
+    iters: Annotated[Optional[int], typer.Option(help=(
+        "taskq & co: optimisation steps per unit (default 300). hqod/lsq: optimisation steps in all (default 300)."))] = None,
+    images: Annotated[Optional[int], typer.Option(help="Images to use. Default: taskq 32, hqod/lsq all.")] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help=(
+        "Input size (multiple of 32). taskq: the model's size (default 640); hqod/lsq: the training size (default "
+        "320; the checkpoint keeps 640 for export and eval)."))] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     no_sparse: Annotated[bool, typer.Option("--no-sparse", help="taskq: no sparse outlier branch.")] = False,
     no_dtr: Annotated[bool, typer.Option("--no-dtr", help="taskq: no detection-aware loss on head units.")] = False,
     no_stahq: Annotated[bool, typer.Option("--no-stahq", help="taskq: the head as one block, not six units.")] = False,
+    quantizer: Annotated[Optional[str], typer.Option(help="hqod/lsq: step sizes by lsq | tqt (power of two). Default lsq.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="hqod/lsq: passes over the images (instead of --iters).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="hqod/lsq: images per step over all processes. Default 8.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="hqod/lsq: cpu | cuda. Default cpu.")] = None,
+    pseudo_labels: Annotated[bool, typer.Option("--pseudo-labels", help=(
+        "hqod/lsq: train on the float model's detections (conf >= 0.25) instead of the data's labels."))] = False,
+    distill: Annotated[Optional[float], typer.Option(help=(
+        "hqod/lsq: weight of distillation from the float model's raw head outputs (docs/methods.md); 0 switches it "
+        "off. Default 10."))] = None,
+    no_tcorr: Annotated[bool, typer.Option("--no-tcorr", help="hqod: no Task-Correlated loss.")] = False,
+    no_hiou: Annotated[bool, typer.Option("--no-hiou", help="hqod: no Harmonious-IoU loss.")] = False,
     out: Annotated[Optional[str], typer.Option(help="Quantized checkpoint to write (progress kept in OUT.partial).")] = None,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the per-unit report as JSON.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the report as JSON.")] = None,
 ):
-    """Recover low-bit accuracy by reconstruction against the float model (TASKQ; baselines for comparison)."""
-    from rich.console import Console
-
-    from yoloq import api
+    """Recover low-bit accuracy: reconstruction against the float model (TASKQ and baselines), or quantization-aware
+    training (HQOD, plain LSQ/TQT)."""
     from yoloq.io import check_writable
-    from yoloq.methods.taskq import TaskQConfig
-    from yoloq.ui import table
 
+    b = _bits(bits, wbits, abits)
+    out = out or f"{Path(model).stem}-{method}.qpt"
+    qat_flags = {"--quantizer": quantizer is not None, "--epochs": epochs is not None, "--batch": batch is not None,
+                 "--device": device is not None, "--pseudo-labels": pseudo_labels, "--distill": distill is not None, "--no-tcorr": no_tcorr,
+                 "--no-hiou": no_hiou}
+    taskq_flags = {"--no-sparse": no_sparse, "--no-dtr": no_dtr, "--no-stahq": no_stahq}
+    if method in QAT_METHODS:
+        bad = [k for k, v in taskq_flags.items() if v]
+        if bad:
+            raise YoloqError(f"{bad[0]} applies to --method taskq only, not {method}")
+        if method == "lsq" and (no_tcorr or no_hiou):
+            raise YoloqError(f"{'--no-tcorr' if no_tcorr else '--no-hiou'} applies to --method hqod only (lsq has no HQOD loss)")
+        if epochs is not None and iters is not None:
+            raise YoloqError("give either --epochs or --iters, not both")
+        from yoloq.methods.qat import QATConfig
+
+        opts = {"quantizer": quantizer, "epochs": epochs, "batch": batch, "device": device, "imgsz": imgsz, "iters": iters,
+                "distill": distill}
+        cfg = QATConfig(method=method, seed=seed, pseudo_labels=pseudo_labels, tcorr=not no_tcorr, hiou=not no_hiou,
+                        **{k: v for k, v in opts.items() if v is not None})
+        check_writable(out)
+        if json_out:
+            check_writable(json_out)
+        _finetune_qat(model, data, cfg, out, b, images, json_out)
+        return
+    bad = [k for k, v in qat_flags.items() if v]
+    if bad:
+        raise YoloqError(f"{bad[0]} applies to --method hqod/lsq (quantization-aware training), not {method}")
     switches = {"sparse": no_sparse, "dtr": no_dtr, "stahq": no_stahq}
     if method != "taskq" and any(switches.values()):
         bad = next(k for k, v in switches.items() if v)
         raise YoloqError(f"--no-{bad} applies to --method taskq only ({method} has no {bad} component)")
+    from yoloq.methods.taskq import TaskQConfig
+
     cfg = TaskQConfig.preset(method, seed=seed, **({"iters": iters} if iters is not None else {}),
                              **{k: False for k, v in switches.items() if v})
-    b = _bits(bits, wbits, abits)
-    out = out or f"{Path(model).stem}-{method}.qpt"
     check_writable(out)
     if json_out:
         check_writable(json_out)
+    _finetune_taskq(model, data, cfg, out, b, images, imgsz, json_out)
+
+
+def _finetune_taskq(model, data, cfg, out, b, images, imgsz, json_out) -> None:
+    from rich.console import Console
+
+    from yoloq import api
+    from yoloq.ui import table
+
     qm, rep = api.finetune(model, data, cfg, out, b.get("weight_bits"), b.get("act_bits"), images, imgsz)
     rows = [[u["unit"], f"{u['loss_before']:.4g}", f"{u['loss_after']:.4g}", f"{u['seconds']:.1f}"] for u in rep["units"]]
-    Console().print(table(f"yoloq finetune {method} {qm.recipe.name}", ["unit", "loss before", "loss after", "s"], rows))
+    Console().print(table(f"yoloq finetune {cfg.method} {qm.recipe.name}", ["unit", "loss before", "loss after", "s"], rows))
     chosen = [r for r in rep["sparse"] if r["chosen"]]
     for r in chosen:
         typer.echo(f"sparse branch: {r['tensor']} (error -{100 * r['gain']:.0f}%, outliers {100 * r['outlier_fraction']:.2f}%)")
     if json_out:
         _write_json(json_out, rep)
-    typer.echo(f"wrote {out} ({qm.recipe.name}, {method}, {len(rep['units'])} units)")
+    typer.echo(f"wrote {out} ({qm.recipe.name}, {cfg.method}, {len(rep['units'])} units)")
+
+
+def _finetune_qat(model, data, cfg, out, b, images, json_out) -> None:
+    from rich.console import Console
+
+    from yoloq import api
+    from yoloq.ui import table
+
+    qm, rep = api.qat(model, data, cfg, out, b.get("weight_bits"), b.get("act_bits"), images)
+    if rep["rank"] != 0:
+        return
+    keys = [k for k in rep["history"][-1] if k not in ("epoch", "step")] if rep["history"] else []
+    rows = [[h["epoch"], h["step"], *(f"{h.get(k, 0.0):.4f}" for k in keys)] for h in rep["history"]]
+    shown = rows if len(rows) <= 12 else rows[:3] + [["...", "", *([""] * len(keys))]] + rows[-8:]
+    Console().print(table(f"yoloq finetune {cfg.method} ({cfg.quantizer}) {qm.recipe.name}", ["epoch", "step", *keys], shown))
+    typer.echo(f"{rep['labels']}; {rep['images']} images, {rep['steps']} steps, {rep['seconds']:.0f} s"
+               + (f", {rep['world_size']} processes" if rep["world_size"] > 1 else ""))
+    if json_out:
+        _write_json(json_out, rep)
+    typer.echo(f"wrote {out} ({qm.recipe.name}, {cfg.method})")
 
 
 @command("eval")

@@ -1,5 +1,7 @@
 """FakeQuantizer: phases, state_dict round trip, per-channel weights, int codes, activation scale floor."""
 
+import math
+
 import pytest
 import torch
 
@@ -181,3 +183,21 @@ def test_min_act_scale_leaves_normal_ranges_alone():
     x = torch.linspace(-1, 1, 101)
     q = _calibrated(activation_spec(8), x)
     assert torch.allclose(q.scale, torch.tensor([2.0 / 255]))
+
+
+def test_tqt_learns_a_power_of_two_step_in_log2_space_and_saves_it_as_a_plain_step():
+    q = FakeQuantizer(QSpec(bits=4, signed=False, symmetric=False))
+    q.set_qparams(torch.tensor([0.3]), torch.tensor([0.0]))
+    keys = set(q.state_dict())
+    q.learn(True, "tqt")
+    assert q.learning and float(q.log2_scale) == pytest.approx(math.ceil(math.log2(0.3)))  # 0.5: nothing clipped
+    x = torch.linspace(0, 8, 101)
+    y = q(x)
+    torch.testing.assert_close(y, torch.clamp(torch.round(x / 0.5), 0, 15) * 0.5)
+    y.sum().backward()
+    assert q.log2_scale.grad is not None and float(q.log2_scale.grad) != 0 and q.scale.grad is None
+    with torch.no_grad():
+        q.log2_scale.fill_(-2.3)  # ceil -> 2^-2
+    q.learn(False)
+    assert float(q.scale) == 0.25 and q.log2_scale is None and not q.learning
+    assert set(q.state_dict()) == keys

@@ -1,0 +1,124 @@
+"""QAT benchmark on the demo YOLOv8s: W4A4 LSQ, LSQ+HQOD, TQT and TQT+HQOD at the same step budget, in one process.
+
+All rows start from the same calibrated W4A4 checkpoint (MSE ranges, GPTQ) and train on pseudo-labels of the float
+model (the demo model's two classes are not COCO's). Columns: fidelity (mAP50-95 against FP32's detections, 95%
+bootstrap interval) and harmony share (true positives against FP32's detections whose |score - IoU| < 0.1), both in
+ONNX Runtime at the evaluation size (640); fidelity at the training size (320) too, to show whether steps learned at
+320 suit 640; ms per image; training wall time. Markdown to stdout, JSON to --json.
+
+    python scripts/bench_qat.py [--data DIR] [--eval-data DIR] [--images 64] [--iters 400] [--json out/bench_qat.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_ptq import SHARED, calib_arrays, cpu_info, time_models  # noqa: E402
+
+from yoloq import api  # noqa: E402
+from yoloq.data.datasets import resolve_data  # noqa: E402
+from yoloq.demo_model import demo_model_path  # noqa: E402
+from yoloq.export.onnx import export_float_onnx  # noqa: E402
+from yoloq.methods.qat import QATConfig  # noqa: E402
+from yoloq.recipe import Recipe  # noqa: E402
+from yoloq.runtime.evaluate import detect, evaluate  # noqa: E402
+from yoloq.runtime.harmony import for_fidelity, harmony, reference_run  # noqa: E402
+from yoloq.runtime.predictors import OrtPredictor  # noqa: E402
+
+ROWS = {
+    "W4A4 LSQ": {"method": "lsq", "quantizer": "lsq"},
+    "W4A4 LSQ+HQOD": {"method": "hqod", "quantizer": "lsq"},
+    "W4A4 TQT": {"method": "lsq", "quantizer": "tqt"},
+    "W4A4 TQT+HQOD": {"method": "hqod", "quantizer": "tqt"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(SHARED), help="training (and calibration) images")
+    ap.add_argument("--eval-data", default=None, help="evaluation images (default: --data)")
+    ap.add_argument("--images", type=int, default=64, help="training images")
+    ap.add_argument("--iters", type=int, default=None, help="optimisation steps per row (default: QATConfig's)")
+    ap.add_argument("--imgsz", type=int, default=640, help="evaluation size")
+    ap.add_argument("--train-imgsz", type=int, default=320)
+    ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench_qat"))
+    ap.add_argument("--json", default=str(ROOT / "out" / "bench_qat.json"))
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(demo_model_path())
+    train = resolve_data(args.data).take(args.images)
+    ev = resolve_data(args.eval_data or args.data)
+    start = out / "w4a4.qpt"
+    t = time.perf_counter()
+    api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
+    calib_s = time.perf_counter() - t
+
+    rows = {"FP32": {}, "W4A4 PTQ (start)": {"train_s": calib_s}}
+    qckpts = {"W4A4 PTQ (start)": start}
+    for name, kw in ROWS.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        cfg = QATConfig(pseudo_labels=True, imgsz=args.train_imgsz, **kw, **({"iters": args.iters} if args.iters else {}))
+        t = time.perf_counter()
+        _, rep = api.qat(str(start), train, cfg, out / f"{name.replace(' ', '_').replace('+', '_')}.qpt")
+        rows[name] = {"train_s": time.perf_counter() - t, "steps": rep["steps"], "loss_before": rep["loss_before"],
+                      "loss_after": rep["loss_after"]}
+        qckpts[name] = out / f"{name.replace(' ', '_').replace('+', '_')}.qpt"
+
+    for size in (args.imgsz, args.train_imgsz):
+        fp32 = export_float_onnx(model, out / f"fp32_{size}.onnx", size)
+        ref = reference_run(OrtPredictor(fp32, threads=2), ev, 0.001)
+        fid_ref = for_fidelity(ref)
+        gts = [d[:, [5, 0, 1, 2, 3]] for d in fid_ref["dets"]]
+        paths = {"FP32": fp32}
+        for name, q in qckpts.items():
+            paths[name] = Path(api.export(str(q), out / f"{q.stem}_{size}.onnx", imgsz=size)["path"])
+        for name, p in paths.items():
+            pred = OrtPredictor(p, threads=2)
+            key = "" if size == args.imgsz else f"_{size}"
+            if name == "FP32":
+                rows[name].update({f"fidelity{key}": 1.0, f"fidelity_ci{key}": [1.0, 1.0]})
+            else:
+                r = evaluate(pred, ev, fid_ref)
+                rows[name].update({f"fidelity{key}": r["fidelity"], f"fidelity_ci{key}": r["fidelity_ci"]})
+                dets, _ = detect(pred, ev, 0.001, 0.7, 300, name)
+            if size == args.imgsz and name != "FP32":  # FP32 against its own boxes: IoU 1, nothing to measure
+                h = harmony(dets, gts)
+                rows[name].update(harmony=h["share"], harmony_tp=h["tp"])
+        if size == args.imgsz:
+            ms = time_models(paths, calib_arrays(ev.take(16), size), rounds=3)
+            for name in paths:
+                rows[name].update(ms=ms[name], speedup=ms["FP32"] / ms[name])
+
+    info = cpu_info()
+    print(f"\nDemo YOLOv8s; training: {len(train.images)} images of {train.source} at {args.train_imgsz}px with "
+          f"pseudo-labels; evaluation: {len(ev.images)} images of {ev.source} at {args.imgsz}px in ONNX Runtime CPU, "
+          f"2 threads; {info['cpu']}\n")
+    print(f"| model | fidelity@{args.imgsz} | 95% CI | fidelity@{args.train_imgsz} | harmony share | ms/img | speed-up | "
+          "train s |\n|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        lo, hi = r["fidelity_ci"]
+        tr = f"{r['train_s']:.0f}" if "train_s" in r else ""
+        hs = f"{r['harmony']:.3f}" if r.get("harmony") is not None else "n/a"
+        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {r[f'fidelity_{args.train_imgsz}']:.3f} | "
+              f"{hs} | {r['ms']:.1f} | {r['speedup']:.2f}x | {tr} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": info, "imgsz": args.imgsz, "train_imgsz": args.train_imgsz,
+                                           "training": train.source, "training_images": len(train.images),
+                                           "evaluation": ev.source, "evaluation_images": len(ev.images),
+                                           "rows": rows}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

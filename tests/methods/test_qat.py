@@ -1,0 +1,219 @@
+"""Quantization-aware training (HQOD / LSQ / TQT) on a tiny model: it lowers the loss, resumes exactly, runs under
+torchrun with two processes, and refuses labels it cannot use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ultralytics.utils.tal import make_anchors
+
+from yoloq import api
+from yoloq.data.datasets import resolve_data, write_yolo
+from yoloq.losses.hqod import HQODLossConfig, hqod_loss
+from yoloq.methods import qat
+from yoloq.methods.qat import QATConfig
+from yoloq.model import yolo
+from yoloq.recipe import Recipe
+
+SZ = 64
+TINY = {"batch": 2, "imgsz": SZ}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, images_dir) -> Path:
+    """The four test images with hand-made YOLO labels (class indices of the model: no classes.txt)."""
+    d = tmp_path_factory.mktemp("labelled") / "images"
+    shutil.copytree(images_dir, d)
+    rows = {"bus": ["0 0.27 0.62 0.2 0.5", "5 0.5 0.45 0.95 0.5"], "zidane": ["0 0.35 0.6 0.45 0.8", "0 0.78 0.55 0.4 0.9"],
+            "synthetic0": ["2 0.28 0.29 0.45 0.45"], "synthetic1": ["2 0.28 0.29 0.45 0.45"]}
+    (d.parent / "labels").mkdir()
+    for stem, r in rows.items():
+        (d.parent / "labels" / f"{stem}.txt").write_text("\n".join(r) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def w4a4(tmp_path_factory, images_dir, lively_model):
+    qm = api.calibrate(lively_model, str(images_dir), Recipe(4, 4, "mse", images=4, imgsz=SZ))
+    return api.save(qm, tmp_path_factory.mktemp("qat") / "w4a4.qpt")
+
+
+def _train_dir(tmp_path, labelled) -> Path:
+    ds = resolve_data(labelled)
+    return write_yolo(ds.images, ds.labels, tmp_path / "train")
+
+
+def test_hqod_terms_join_ultralytics_loss_on_the_assigned_positives(w4a4, labelled, tmp_path):
+    qm = api.load_quantized(w4a4)
+    model = qm.model.train()
+    qat.setup(model, QATConfig(**TINY))  # weights and steps trainable, as in training
+    train = _train_dir(tmp_path, labelled)
+    batch = next(iter(yolo.training_loader(yolo.training_dataset(train, qm.names, SZ, 4, augment=False), 4, shuffle=False)))
+    x = batch["img"].float() / 255
+    preds = yolo.training_outputs(model, x)
+    plain, items_plain = yolo.detection_loss(model)(preds, batch)
+    crit = yolo.detection_loss(model, HQODLossConfig())
+    total, items = crit(preds, batch)
+    assert set(items_plain) == {"box", "cls", "dfl"} and {"tcorr", "hiou"} <= set(items)
+
+    # the added term is hqod_loss on the assigner's positives: p at the assigned class, u = IoU with the target box
+    labels, tboxes, _, fg, _ = crit.assigner.last
+    assert fg.sum() > 0
+    p = preds["scores"].permute(0, 2, 1)[fg].sigmoid().gather(1, labels[fg].long()[:, None]).squeeze(1)
+    anchors, strides = make_anchors(preds["feats"], crit.stride, 0.5)
+    boxes = crit.bbox_decode(anchors, preds["boxes"].permute(0, 2, 1).contiguous()) * strides
+    u = yolo.box_iou_pairs(boxes[fg], tboxes[fg]).clamp(0, 1)
+    want, _ = hqod_loss(p, u, HQODLossConfig(), gain=7.5 * 4)
+    torch.testing.assert_close(total - plain, want, rtol=1e-4, atol=1e-4)
+    assert items["tcorr"] + items["hiou"] == pytest.approx(float(want) / 4, rel=1e-4)
+
+    # and it trains both branches: gradients reach the class and the box outputs
+    model.zero_grad()
+    (total - plain).backward()
+    head = model.model[-1]
+    assert head.cv3[0][-1].conv.weight.grad.abs().sum() > 0 and head.cv2[0][-1].conv.weight.grad.abs().sum() > 0
+
+
+def test_short_qat_lowers_the_loss_and_exports(w4a4, labelled, tmp_path):
+    cfg = QATConfig(method="hqod", iters=12, lr=1e-3, distill=0.0, **TINY)  # the detection loss alone
+    out = tmp_path / "hqod.qpt"
+    qm, rep = api.qat(str(w4a4), str(labelled), cfg, out)
+    assert rep["steps"] == 12 and rep["epochs"] == 6  # 4 images, batch 2
+    assert rep["loss_after"]["total"] < 0.8 * rep["loss_before"]["total"]
+    assert out.exists() and not api.partial_path(out).exists() and not Path(f"{out}.data").exists()
+    back = api.load_quantized(out)
+    assert back.recipe.weight_bits == 4 and back.provenance["history"][-1]["method"] == "hqod"
+    rep = api.export(back, tmp_path / "hqod.onnx")
+    assert rep["bytes"] > 0
+
+
+def test_tqt_learns_power_of_two_steps(w4a4, labelled, tmp_path):
+    cfg = QATConfig(method="lsq", quantizer="tqt", iters=4, lr=1e-3, lr_log2=0.2, **TINY)
+    qm, _ = api.qat(str(w4a4), str(labelled), cfg, tmp_path / "tqt.qpt")
+    start = api.load_quantized(w4a4)
+    moved = 0
+    for (name, q), (_, q0) in zip(_quantizers(qm.model), _quantizers(start.model)):
+        if q.fixed or "acc_quantizer" in name:  # accumulators are re-capped after training (docs/methods.md)
+            continue
+        e = torch.log2(q.scale)
+        torch.testing.assert_close(e, e.round())
+        moved += int(not torch.equal(q.scale, 2 ** torch.log2(q0.scale).ceil()))
+    assert moved > 0  # the steps were learned, not only snapped to a power of two
+
+
+def _quantizers(model):
+    from yoloq.core.modules import iter_quantizers
+
+    return list(iter_quantizers(model))
+
+
+def test_resume_after_an_interrupt_gives_the_uninterrupted_result(w4a4, labelled, tmp_path, monkeypatch):
+    cfg = QATConfig(method="hqod", iters=6, lr=1e-3, **TINY)
+    whole, _ = api.qat(str(w4a4), str(labelled), cfg, tmp_path / "whole.qpt")
+
+    out = tmp_path / "resumed.qpt"
+    save = qat.QATState.save
+
+    def save_then_stop(self, model, opt, epoch, *a):
+        save(self, model, opt, epoch, *a)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(qat.QATState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        api.qat(str(w4a4), str(labelled), cfg, out)
+    assert api.partial_path(out).exists() and not out.exists()
+    monkeypatch.setattr(qat.QATState, "save", save)
+    resumed, rep = api.qat(str(w4a4), str(labelled), cfg, out)
+    assert rep["history"][0]["epoch"] == 1 and rep["steps"] == 6
+    for (k, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+    other = QATConfig(method="lsq", iters=6, lr=1e-3, **TINY)
+    monkeypatch.setattr(qat.QATState, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        api.qat(str(w4a4), str(labelled), other, out)
+    monkeypatch.setattr(qat.QATState, "save", save)
+    with pytest.raises(Exception, match="other settings"):
+        api.qat(str(w4a4), str(labelled), cfg, out)
+
+
+def test_labels_the_model_cannot_use_exit_2_and_suggest_pseudo_labels(qckpts, labelled, images_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.test_cli import assert_clean_error
+    from yoloq.cli import app
+
+    named = tmp_path / "named"
+    shutil.copytree(labelled.parent, named)
+    (named / "classes.txt").write_text("cat\ndog\nbird\n")  # not the model's class names
+    for data in (named / "images", images_dir):  # wrong names; no labels at all
+        out = tmp_path / "x.qpt"
+        r = CliRunner().invoke(app, ["finetune", str(qckpts["yolov8n.yaml"]), "--data", str(data), "--method", "hqod",
+                                     "--iters", "1", "--imgsz", str(SZ), "--out", str(out)])
+        assert_clean_error(r, "--pseudo-labels")
+        assert not out.exists() and not Path(f"{out}.data").exists()
+    for flags in (["--method", "taskq", "--pseudo-labels"], ["--method", "hqod", "--no-sparse"],
+                  ["--method", "lsq", "--no-hiou"], ["--method", "hqod", "--quantizer", "pot"],
+                  ["--method", "hqod", "--epochs", "1", "--iters", "2"]):
+        r = CliRunner().invoke(app, ["finetune", str(qckpts["yolov8n.yaml"]), "--data", str(labelled), *flags,
+                                     "--out", str(tmp_path / "y.qpt")])
+        assert_clean_error(r)
+
+
+def test_pseudo_labels_are_the_float_models_detections(monkeypatch, images_dir, tmp_path):
+    """Pseudo-labels are the detections with conf >= 0.25, written in YOLO format that Ultralytics reads back."""
+    from yoloq.runtime import evaluate
+
+    ds = resolve_data(images_dir).take(2)
+    fake = [np.array([[10, 20, 60, 90, 0.9, 3], [0, 0, 5, 5, 0.3, 1]], np.float32), np.zeros((0, 6), np.float32)]
+    seen = {}
+
+    def detect(pred, ds_, conf, iou, max_det, desc):
+        seen.update(conf=conf, iou=iou)
+        return fake, np.zeros(2)
+
+    monkeypatch.setattr(evaluate, "detect", detect)
+    labels = api.pseudo_labels(api.load_float("yolov8n.yaml"), ds, SZ)
+    assert seen == {"conf": 0.25, "iou": 0.7}
+    np.testing.assert_array_equal(labels[0], [[3, 10, 20, 60, 90], [1, 0, 0, 5, 5]])
+    train = write_yolo(ds.images, labels, tmp_path / "pl")
+    got = yolo.training_dataset(train, {i: str(i) for i in range(80)}, SZ, 2, augment=False).labels
+    assert [len(g["cls"]) for g in got] == [2, 0]
+    assert got[0]["cls"].ravel().tolist() == [3, 1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun smoke test on Linux")
+def test_ddp_two_processes_with_gloo(qckpts, labelled, tmp_path):
+    out = tmp_path / "ddp.qpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "yoloq.cli", "finetune", str(qckpts["yolov8n.yaml"]), "--data", str(labelled), "--method", "lsq",
+           "--iters", "2", "--batch", "4", "--imgsz", str(SZ), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 processes" in r.stdout and r.stdout.count("wrote ") == 1
+    assert out.exists() and not api.partial_path(out).exists()
+
+
+@pytest.mark.parametrize("family", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_the_deployed_head_trains_the_whole_trunk(qckpts, labelled, tmp_path, family):
+    """YOLO26 deploys its one-to-one branch only; Ultralytics trains that branch on detached features, yoloq must not."""
+    qm = api.load_quantized(qckpts[family])
+    model = qm.model.train()
+    qat.setup(model, QATConfig(**TINY))
+    train = _train_dir(tmp_path, labelled)
+    batch = next(iter(yolo.training_loader(yolo.training_dataset(train, qm.names, SZ, 2, augment=False), 2, shuffle=False)))
+    preds = yolo.training_outputs(model, batch["img"].float() / 255)
+    assert set(preds) == {"boxes", "scores", "feats"}
+    loss, items = yolo.detection_loss(model)(preds, batch)
+    loss.backward()
+    assert model.model[0].conv.weight.grad.abs().sum() > 0
+    assert yolo.is_end2end(model) == (family == "yolo26n.yaml") and ("l1" in items) == (yolo.reg_max(model) == 1)
