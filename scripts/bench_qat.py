@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_ptq import SHARED, calib_arrays, cpu_info, time_models  # noqa: E402
 
 from yoloq import api  # noqa: E402
-from yoloq.data.datasets import resolve_data  # noqa: E402
+from yoloq.data.datasets import Dataset, resolve_data  # noqa: E402
 from yoloq.demo_model import demo_model_path  # noqa: E402
 from yoloq.export.onnx import export_float_onnx  # noqa: E402
 from yoloq.methods.qat import QATConfig  # noqa: E402
@@ -59,6 +59,9 @@ def main() -> None:
     model = str(demo_model_path())
     train = resolve_data(args.data).take(args.images)
     ev = resolve_data(args.eval_data or args.data)
+    trained = {p.resolve() for p in train.images}
+    rest = [p for p in ev.images if p.resolve() not in trained]
+    held = Dataset(rest, None, ev.names, ev.source) if rest and len(rest) < len(ev.images) else None
     start = out / "w4a4.qpt"
     t = time.perf_counter()
     api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
@@ -96,6 +99,12 @@ def main() -> None:
             if size == args.imgsz and name != "FP32":  # FP32 against its own boxes: IoU 1, nothing to measure
                 h = harmony(dets, gts)
                 rows[name].update(harmony=h["share"], harmony_tp=h["tp"])
+        if size == args.imgsz and held is not None:  # fidelity on the images no row trained on
+            ref_h = for_fidelity(reference_run(OrtPredictor(fp32, threads=2), held, 0.001))
+            for name, p in paths.items():
+                if name != "FP32":
+                    r = evaluate(OrtPredictor(p, threads=2), held, ref_h)
+                    rows[name].update(fidelity_heldout=r["fidelity"], fidelity_heldout_ci=r["fidelity_ci"])
         if size == args.imgsz:
             ms = time_models(paths, calib_arrays(ev.take(16), size), rounds=3)
             for name in paths:
@@ -105,13 +114,15 @@ def main() -> None:
     print(f"\nDemo YOLOv8s; training: {len(train.images)} images of {train.source} at {args.train_imgsz}px with "
           f"pseudo-labels; evaluation: {len(ev.images)} images of {ev.source} at {args.imgsz}px in ONNX Runtime CPU, "
           f"2 threads; {info['cpu']}\n")
-    print(f"| model | fidelity@{args.imgsz} | 95% CI | fidelity@{args.train_imgsz} | harmony share | ms/img | speed-up | "
-          "train s |\n|---|---|---|---|---|---|---|---|")
+    nh = f" ({len(held.images)} images)" if held else ""
+    print(f"| model | fidelity@{args.imgsz} | 95% CI | held-out fidelity{nh} | fidelity@{args.train_imgsz} | harmony share | "
+          "ms/img | speed-up | train s |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         lo, hi = r["fidelity_ci"]
         tr = f"{r['train_s']:.0f}" if "train_s" in r else ""
         hs = f"{r['harmony']:.3f}" if r.get("harmony") is not None else "n/a"
-        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {r[f'fidelity_{args.train_imgsz}']:.3f} | "
+        ho = f"{r['fidelity_heldout']:.3f}" if "fidelity_heldout" in r else "n/a"
+        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {ho} | {r[f'fidelity_{args.train_imgsz}']:.3f} | "
               f"{hs} | {r['ms']:.1f} | {r['speedup']:.2f}x | {tr} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"machine": info, "imgsz": args.imgsz, "train_imgsz": args.train_imgsz,
