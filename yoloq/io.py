@@ -61,3 +61,29 @@ def atomic_path(path: str | Path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_partial(path: Path, fmt: str, config: dict, fingerprint: dict, what: str) -> dict | None:
+    """An interrupted run's saved state (`<out>.partial`), None when there is none. A state that is unreadable, of
+    another kind, or written with other settings or inputs is an error: resuming from it would mix two runs."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        p = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (any damage to the file means the same thing here)
+        raise YoloqError(f"unreadable {what} state {path}; delete it to start over") from None
+    if not isinstance(p, dict) or p.get("format") != fmt:
+        raise YoloqError(f"{path} is not a yoloq {what} state; delete it to start over")
+    if p.get("config") != config or p.get("fingerprint") != fingerprint:
+        raise YoloqError(f"{path} was written by a run with other settings or inputs; "
+                         "use the same command, or delete it to start over")
+    return p
+
+
+def write_partial(path: Path, payload: dict) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

@@ -119,32 +119,22 @@ class QATState:
         self.path, self.cfg, self.fingerprint, self.payload = path, cfg, fingerprint, None
 
     def load(self) -> bool:
-        if not self.path.exists():
-            return False
-        try:
-            p = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001
-            raise YoloqError(f"unreadable training state {self.path}; delete it to start over") from None
-        if not isinstance(p, dict) or p.get("format") != STATE_FORMAT:
-            raise YoloqError(f"{self.path} is not a yoloq QAT state; delete it to start over")
-        if p["config"] != self.cfg.to_dict() or p["fingerprint"] != self.fingerprint:
-            raise YoloqError(f"{self.path} was written by a run with other settings or inputs; "
-                             "use the same command, or delete it to start over")
-        self.payload = p
-        return True
+        from yoloq.io import read_partial
+
+        self.payload = read_partial(self.path, STATE_FORMAT, self.cfg.to_dict(), self.fingerprint, "training")
+        return self.payload is not None
 
     def start(self, checkpoint_payload: dict) -> None:
         self.payload = {"format": STATE_FORMAT, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
                         "checkpoint": checkpoint_payload}
 
     def save(self, model, opt, epoch: int, step: int, history: list[dict], seconds: float) -> None:
-        from yoloq.io import atomic_path
+        from yoloq.io import write_partial
 
         self.payload.update(model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                             optimizer=opt.state_dict(), epoch=epoch, step=step, history=[dict(h) for h in history],
                             seconds=seconds)
-        with atomic_path(self.path) as tmp:
-            torch.save(self.payload, tmp)
+        write_partial(self.path, self.payload)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

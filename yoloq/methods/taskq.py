@@ -374,17 +374,11 @@ class ResumeState:
 
     def load(self) -> bool:
         """Read an earlier run's state; False when there is none. A state from other settings is an error."""
-        if not self.path.exists():
+        from yoloq.io import read_partial
+
+        p = read_partial(self.path, STATE_FORMAT, self.cfg.to_dict(), self.fingerprint, "fine-tuning")
+        if p is None:
             return False
-        try:
-            p = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001
-            raise YoloqError(f"unreadable fine-tuning state {self.path}; delete it to start over") from None
-        if not isinstance(p, dict) or p.get("format") != STATE_FORMAT:
-            raise YoloqError(f"{self.path} is not a yoloq fine-tuning state; delete it to start over")
-        if p["config"] != self.cfg.to_dict() or p["fingerprint"] != self.fingerprint:
-            raise YoloqError(f"{self.path} was written by a run with other settings or inputs; "
-                             "use the same command, or delete it to start over")
         self.payload, self.done, self.reports = p, int(p["done"]), list(p["reports"])
         return True
 
@@ -394,13 +388,12 @@ class ResumeState:
                         "done": 0, "reports": []}
 
     def save(self, qmodel, done: int, reports: list[dict]) -> None:
-        from yoloq.io import atomic_path
+        from yoloq.io import write_partial
 
         self.payload["checkpoint"]["state_dict"] = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
         self.payload["done"], self.payload["reports"] = done, [dict(r) for r in reports]
         self.done, self.reports = done, reports
-        with atomic_path(self.path) as tmp:
-            torch.save(self.payload, tmp)
+        write_partial(self.path, self.payload)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
