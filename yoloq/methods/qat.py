@@ -280,8 +280,8 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
                 state.save(model, opt, epoch + 1, step, history, time.perf_counter() - t0)
             dist.barrier()
     after = eval_loss(model, criterion, train_images, qm.names, cfg.imgsz, local_batch) if dist.main else None
-    convert(model)
-    qm.model = model.cpu()
+    qm.model = model.cpu()  # convert() builds its small tensors on the CPU
+    convert(qm.model)
     qm.recipe.weight_rounding = "nearest"  # latent float weights, rounded to nearest by their (learned) grid
     qm.provenance.setdefault("history", []).append({"step": "finetune", **cfg.to_dict()})
     report = {"steps": step, "epochs": epochs, "images": len(dataset), "seconds": time.perf_counter() - t0,
