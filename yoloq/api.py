@@ -74,6 +74,14 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def _check_recipe(source: str, recipe: Recipe, **requested) -> None:
+    """A flag given for a quantized checkpoint must agree with what it was calibrated with."""
+    for k, v in requested.items():
+        if v is not None and v != getattr(recipe, k):
+            raise YoloqError(f"{source} was calibrated with {k.replace('_', ' ')} {getattr(recipe, k)}, "
+                             f"not {v}; calibrate again or drop the flag")
+
+
 def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = None, weight_bits: int | None = None,
              act_bits: int | None = None, images: int | None = None, imgsz: int | None = None) -> tuple[QuantizedModel, dict]:
     """Fine-tune low-bit weights and activations (TASKQ and its baselines, see yoloq.methods.taskq).
@@ -90,10 +98,7 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
     payload = checkpoint.read(source) if Path(source).is_file() else None
     if payload is not None:
         recipe = Recipe.from_dict(payload["recipe"])
-        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits), ("imgsz", imgsz)):
-            if v is not None and v != getattr(recipe, k):
-                raise YoloqError(f"{source} was calibrated with {k.replace('_', ' ')} {getattr(recipe, k)}, "
-                                 f"not {v}; calibrate again or drop the flag")
+        _check_recipe(source, recipe, weight_bits=weight_bits, act_bits=act_bits, imgsz=imgsz)
     else:
         recipe = Recipe(weight_bits or 4, act_bits or 4, "mse", bias_correction=False, weight_rounding="nearest",
                         images=images or 32, imgsz=imgsz or 640)
@@ -173,10 +178,7 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
     payload = checkpoint.read(source) if Path(source).is_file() else None
     if payload is not None:
         qm = checkpoint.load(source, payload)
-        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits)):
-            if v is not None and v != getattr(qm.recipe, k):
-                raise YoloqError(f"{source} was calibrated with {k.replace('_', ' ')} {getattr(qm.recipe, k)}, "
-                                 f"not {v}; calibrate again or drop the flag")
+        _check_recipe(source, qm.recipe, weight_bits=weight_bits, act_bits=act_bits)
         float_model = float_of(qm)
         recipe = qm.recipe
     else:

@@ -149,8 +149,8 @@ def finetune(
     b = _bits(bits, wbits, abits)
     out = out or f"{Path(model).stem}-{method}.qpt"
     qat_flags = {"--quantizer": quantizer is not None, "--epochs": epochs is not None, "--batch": batch is not None,
-                 "--device": device is not None, "--pseudo-labels": pseudo_labels, "--distill": distill is not None, "--no-tcorr": no_tcorr,
-                 "--no-hiou": no_hiou}
+                 "--device": device is not None, "--pseudo-labels": pseudo_labels, "--distill": distill is not None,
+                 "--no-tcorr": no_tcorr, "--no-hiou": no_hiou}
     taskq_flags = {"--no-sparse": no_sparse, "--no-dtr": no_dtr, "--no-stahq": no_stahq}
     if method in QAT_METHODS:
         bad = [k for k, v in taskq_flags.items() if v]

@@ -62,9 +62,9 @@ class HQODLossConfig:
 
 def plain_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
     """IoU of paired xyxy boxes (..., 4) -> (...,), clamped to [0, 1]; differentiable (Ultralytics' bbox_iou)."""
-    from ultralytics.utils.metrics import bbox_iou
+    from yoloq.model.yolo import box_iou_pairs
 
-    return bbox_iou(box1, box2, xywh=False).squeeze(-1).clamp(0.0, 1.0)
+    return box_iou_pairs(box1, box2).clamp(0.0, 1.0)
 
 
 def _clamp01(x: torch.Tensor) -> torch.Tensor:
