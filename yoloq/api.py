@@ -142,7 +142,7 @@ def pseudo_labels(float_model, ds: Dataset, imgsz: int, conf: float = 0.25, iou:
     from yoloq.runtime.predictors import TorchPredictor
 
     pred = TorchPredictor(float_model, imgsz, torch.get_num_threads(), "float")
-    dets, _ = detect(pred, ds, conf, iou, 300, "pseudo-labels")
+    dets, _ = detect(pred, ds, conf, iou, 300, "pseudo-labels", multi_label=False)  # one label per object
     return [d[:, [5, 0, 1, 2, 3]] for d in dets]
 
 

@@ -3,7 +3,8 @@
 - per layer: given identical inputs, ORT and PyTorch agree within one quantization step of the layer's output;
 - whole model: >= 99% of the head-conv outputs agree within one step, with ORT's optimizations off and on
   (an element-wise bound over the whole depth does not hold: one-step differences compound);
-- fidelity of ORT against PyTorch >= 0.99 on a model that really detects (slow: the demo model).
+- on a model that really detects (slow: the demo model), ORT's fidelity against the exact (float64) fake-quant
+  numerics is as high as PyTorch float32's, within noise (see NOISE for why not the 0.99 first asked for).
 """
 
 from __future__ import annotations
@@ -97,30 +98,74 @@ def test_head_conv_outputs_agree_within_one_step(fam, level, qckpts, images_dir,
     assert agree / total >= 0.99
 
 
-# Measured on the demo model, 320px, 8 images (head outputs float): ORT_DISABLE_ALL 0.937 when this test runs alone,
-# 0.994 after an Ultralytics predictor has run in the same process, 0.860 in a fresh clone's suite (PyTorch's own
-# float path changes with process state, and one-step rounding flips compound through the depth); ORT_ENABLE_ALL
-# 0.930. The integer kernels
-# round differently from the float fake-quant at ties (the int32 bias, the requantization). The contract stays at
-# 0.99 (xfail below it); the floors guard the present level against regressions until the gap is closed.
-PARITY_FLOOR = {"disable_all": 0.80, "enable_all": 0.80}
+# The fake-quant model is chaotic in its rounding: where a float sum lands within an ulp of a rounding boundary, a
+# different summation order flips that code by one step, and the flips compound through the depth. So no
+# implementation that is not bit-identical to PyTorch's own kernels reaches the issue's 0.99 fidelity against it,
+# PyTorch included: on the demo model (W8A8, 320px, 48 images) PyTorch with 1 thread instead of 2 scores 0.959
+# against itself. Against the exact numerics (the same fake-quant model in float64; 64 images): PyTorch float32
+# 0.956, ORT DISABLE_ALL 0.954, ORT ENABLE_ALL 0.946, and 0.891 when one conv's weight scales are 10% off in the
+# ONNX file. The contract is therefore relative: ORT is as close to the exact fake-quant numerics as PyTorch's
+# float32 is, within NOISE; an export error in a single layer falls outside it.
+NOISE = 0.04
+PARITY_IMAGES = 64
+
+
+class _Float64Predictor:
+    """The fake-quant model evaluated in float64: rounding ties resolved by the exact values, not a kernel's order."""
+
+    def __init__(self, model, imgsz):
+        from yoloq.runtime.predictors import TorchPredictor
+
+        self._p = TorchPredictor(copy.deepcopy(model).double(), imgsz, 2, "fake-quant float64")
+        self.__dict__.update({k: getattr(self._p, k) for k in ("imgsz", "names", "end2end", "threads", "label", "kind")})
+
+    def raw(self, x):
+        return self._p.raw(x.double())
+
+
+@pytest.fixture(scope="module")
+def parity_case(demo_model, detection_images, tmp_path_factory):
+    from yoloq.recipe import Recipe
+    from yoloq.runtime.evaluate import evaluate, reference_detections
+    from yoloq.runtime.predictors import TorchPredictor
+
+    ds = resolve_data(detection_images).take(PARITY_IMAGES)
+    qm = api.calibrate(demo_model, ds.take(8), Recipe(8, 8, "mse", images=8, imgsz=320))
+    path = tmp_path_factory.mktemp("parity") / "m.onnx"
+    api.export(qm, path)
+    exact = reference_detections(_Float64Predictor(qm.model, 320), ds)
+    floor = evaluate(TorchPredictor(qm.model, 320, 2, "fake-quant float32"), ds, exact, bootstrap=0)["fidelity"]
+    print(f"PyTorch float32 vs float64 fidelity: {floor:.4f}")
+    return ds, path, exact, floor
+
+
+def _ort_fidelity(path, ds, exact, optimize: bool) -> float:
+    from yoloq.runtime.evaluate import evaluate
+    from yoloq.runtime.predictors import OrtPredictor
+
+    return evaluate(OrtPredictor(path, threads=2, optimize=optimize), ds, exact, bootstrap=0)["fidelity"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", LEVELS)
-def test_ort_fidelity_against_pytorch_on_a_real_model(level, demo_model, detection_images, tmp_path, request):
-    from yoloq.recipe import Recipe
-    from yoloq.runtime.evaluate import evaluate
-    from yoloq.runtime.predictors import OrtPredictor, TorchPredictor
+def test_ort_is_as_close_to_the_exact_fake_quant_as_pytorch(level, parity_case):
+    ds, path, exact, floor = parity_case
+    fid = _ort_fidelity(path, ds, exact, level == "enable_all")
+    print(f"ORT ({level}) vs float64 fake-quant fidelity: {fid:.4f}")
+    assert fid >= floor - NOISE
 
-    ds = resolve_data(detection_images).take(8)
-    qm = api.calibrate(demo_model, ds, Recipe(8, 8, "mse", images=8, imgsz=320))
-    api.export(qm, tmp_path / "m.onnx")
-    onnx_pred = OrtPredictor(tmp_path / "m.onnx", threads=2, optimize=level == "enable_all")
-    rep = evaluate(onnx_pred, ds, TorchPredictor(qm.model, 320, 2, "fake-quant"), bootstrap=0)
-    print(f"ORT vs PyTorch fidelity ({level}): {rep['fidelity']:.4f}")
-    assert rep["fidelity"] >= PARITY_FLOOR[level]
-    if rep["fidelity"] < 0.99:
-        request.applymarker(pytest.mark.xfail(reason=f"ORT vs PyTorch fidelity {rep['fidelity']:.3f} < 0.99 contract",
-                                              strict=False))
-        pytest.xfail(f"ORT vs PyTorch fidelity {rep['fidelity']:.3f} below the 0.99 contract (known gap, see comment)")
+
+@pytest.mark.slow
+def test_parity_contract_catches_one_wrong_layer(parity_case, tmp_path):
+    """The relative contract can fail: one mid-depth conv's weight scales 10% off in the ONNX file fall outside it."""
+    ds, path, exact, floor = parity_case
+    m = onnx.load(str(path))
+    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
+    weight_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    scale = consts[weight_dq[len(weight_dq) // 3].input[1]].attribute[0].t
+    arr = onnx.numpy_helper.to_array(scale) * 1.1
+    scale.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), scale.name))
+    onnx.save(m, str(tmp_path / "broken.onnx"))
+    fid = _ort_fidelity(tmp_path / "broken.onnx", ds, exact, True)
+    print(f"ORT with one layer's weight scales x1.1: {fid:.4f}")
+    assert fid < floor - NOISE

@@ -176,13 +176,13 @@ def test_pseudo_labels_are_the_float_models_detections(monkeypatch, images_dir, 
     fake = [np.array([[10, 20, 60, 90, 0.9, 3], [0, 0, 5, 5, 0.3, 1]], np.float32), np.zeros((0, 6), np.float32)]
     seen = {}
 
-    def detect(pred, ds_, conf, iou, max_det, desc):
-        seen.update(conf=conf, iou=iou)
+    def detect(pred, ds_, conf, iou, max_det, desc, multi_label=True):
+        seen.update(conf=conf, iou=iou, multi_label=multi_label)
         return fake, np.zeros(2)
 
     monkeypatch.setattr(evaluate, "detect", detect)
     labels = api.pseudo_labels(api.load_float("yolov8n.yaml"), ds, SZ)
-    assert seen == {"conf": 0.25, "iou": 0.7}
+    assert seen == {"conf": 0.25, "iou": 0.7, "multi_label": False}  # one label per object, as the predictor
     np.testing.assert_array_equal(labels[0], [[3, 10, 20, 60, 90], [1, 0, 0, 5, 5]])
     train = write_yolo(ds.images, labels, tmp_path / "pl")
     got = yolo.training_dataset(train, {i: str(i) for i in range(80)}, SZ, 2, augment=False).labels

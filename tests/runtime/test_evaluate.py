@@ -41,3 +41,17 @@ def test_labels_are_matched_to_model_classes_by_name():
     assert out[0].tolist() == [[0, 3, 3, 4, 4]] and "1 of 2" in note
     none, why = match_labels(ds, {0: "car"})
     assert none is None and "do not match" in why
+
+
+def test_a_box_is_kept_once_per_class_above_conf_as_ultralytics_validates():
+    import torch
+
+    from yoloq.model import yolo
+
+    # one anchor at (50, 50), 20x20, scoring 0.6 for class 0 and 0.5 for class 1, in Ultralytics' (1, 4+nc, n) layout
+    raw = torch.tensor([[[50.0], [50.0], [20.0], [20.0], [0.6], [0.5]]])
+    multi = yolo.postprocess(raw, False, 0.25, 0.7, 300, 2)[0]
+    single = yolo.postprocess(raw, False, 0.25, 0.7, 300, 2, multi_label=False)[0]
+    assert sorted(multi[:, 5].tolist()) == [0.0, 1.0] and sorted(multi[:, 4].tolist()) == pytest.approx([0.5, 0.6])
+    assert single[:, 5].tolist() == [0.0] and single[:, 4].tolist() == pytest.approx([0.6])
+    assert yolo.postprocess(raw, False, 0.55, 0.7, 300, 2)[0].shape[0] == 1  # the second class is under conf

@@ -260,8 +260,10 @@ def forward_raw(model: DetectionModel, x: torch.Tensor) -> torch.Tensor:
     return y[0] if isinstance(y, tuple | list) else y
 
 
-def postprocess(raw, end2end: bool, conf: float, iou: float, max_det: int, nc: int) -> list[torch.Tensor]:
-    """(n, 6) [x1, y1, x2, y2, conf, cls] per image in letterboxed pixels, as Ultralytics' validator makes them."""
+def postprocess(raw, end2end: bool, conf: float, iou: float, max_det: int, nc: int,
+                multi_label: bool = True) -> list[torch.Tensor]:
+    """(n, 6) [x1, y1, x2, y2, conf, cls] per image in letterboxed pixels. multi_label=True as Ultralytics' validator
+    makes them (a box once per class above ``conf``), False as its predictor does (once, at its best class)."""
     from ultralytics.utils.nms import non_max_suppression
 
     raw = torch.as_tensor(raw)
@@ -271,7 +273,7 @@ def postprocess(raw, end2end: bool, conf: float, iou: float, max_det: int, nc: i
             r = r[r[:, 4] > conf]
             out.append(r[:max_det])
         return out
-    return non_max_suppression(raw, conf, iou, max_det=max_det, nc=nc)
+    return non_max_suppression(raw, conf, iou, max_det=max_det, nc=nc, multi_label=multi_label)
 
 
 def scale_boxes(boxes: torch.Tensor, from_shape, to_shape) -> torch.Tensor:

@@ -20,8 +20,13 @@ from yoloq.ui import track
 REFERENCE_CONF = 0.25
 
 
-def detect(predictor, ds: Dataset, conf: float, iou: float, max_det: int, desc: str = "evaluating"):
-    """Detections per image, (n, 6) [x1, y1, x2, y2, conf, cls] in original pixels, and per-image latency in ms."""
+def detect(predictor, ds: Dataset, conf: float, iou: float, max_det: int, desc: str = "evaluating",
+           multi_label: bool = True):
+    """Detections per image, (n, 6) [x1, y1, x2, y2, conf, cls] in original pixels, and per-image latency in ms.
+
+    multi_label as in Ultralytics' validator: a box is kept once per class scoring above ``conf``, so a box whose
+    two best classes nearly tie is not lost to the other class by a tiny change of its scores.
+    """
     from yoloq.model import yolo
 
     dets, times = [], []
@@ -32,7 +37,7 @@ def detect(predictor, ds: Dataset, conf: float, iou: float, max_det: int, desc: 
         t = time.perf_counter()
         raw = predictor.raw(x)
         times.append((time.perf_counter() - t) * 1e3)
-        d = yolo.postprocess(raw, predictor.end2end, conf, iou, max_det, nc)[0]
+        d = yolo.postprocess(raw, predictor.end2end, conf, iou, max_det, nc, multi_label)[0]
         if len(d):
             d[:, :4] = yolo.scale_boxes(d[:, :4], x.shape[2:], shape)
         dets.append(d[:, :6].numpy().reshape(-1, 6))
