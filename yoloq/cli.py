@@ -137,6 +137,8 @@ def finetune(
     distill: Annotated[Optional[float], typer.Option(help=(
         "hqod/lsq: weight of distillation from the float model's raw head outputs (docs/methods.md); 0 switches it "
         "off. Default 10."))] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help=(
+        "hqod/lsq: constant | cosine (decay to 1% at the last step, for long runs). Default constant."))] = None,
     no_tcorr: Annotated[bool, typer.Option("--no-tcorr", help="hqod: no Task-Correlated loss.")] = False,
     no_hiou: Annotated[bool, typer.Option("--no-hiou", help="hqod: no Harmonious-IoU loss.")] = False,
     out: Annotated[Optional[str], typer.Option(help="Quantized checkpoint to write (progress kept in OUT.partial).")] = None,
@@ -150,7 +152,7 @@ def finetune(
     out = out or f"{Path(model).stem}-{method}.qpt"
     qat_flags = {"--quantizer": quantizer is not None, "--epochs": epochs is not None, "--batch": batch is not None,
                  "--device": device is not None, "--pseudo-labels": pseudo_labels, "--distill": distill is not None,
-                 "--no-tcorr": no_tcorr, "--no-hiou": no_hiou}
+                 "--lr-schedule": lr_schedule is not None, "--no-tcorr": no_tcorr, "--no-hiou": no_hiou}
     taskq_flags = {"--no-sparse": no_sparse, "--no-dtr": no_dtr, "--no-stahq": no_stahq}
     if method in QAT_METHODS:
         bad = [k for k, v in taskq_flags.items() if v]
@@ -163,7 +165,7 @@ def finetune(
         from yoloq.methods.qat import QATConfig
 
         opts = {"quantizer": quantizer, "epochs": epochs, "batch": batch, "device": device, "imgsz": imgsz, "iters": iters,
-                "distill": distill}
+                "distill": distill, "lr_schedule": lr_schedule}
         cfg = QATConfig(method=method, seed=seed, pseudo_labels=pseudo_labels, tcorr=not no_tcorr, hiou=not no_hiou,
                         **{k: v for k, v in opts.items() if v is not None})
         check_writable(out)

@@ -115,7 +115,8 @@ def _quantizers(model):
 
 
 def test_resume_after_an_interrupt_gives_the_uninterrupted_result(w4a4, labelled, tmp_path, monkeypatch):
-    cfg = QATConfig(method="hqod", iters=6, lr=1e-3, **TINY)
+    # cosine: the resumed run must set the rates the uninterrupted one had at the same steps
+    cfg = QATConfig(method="hqod", iters=6, lr=1e-3, lr_schedule="cosine", **TINY)
     whole, _ = api.qat(str(w4a4), str(labelled), cfg, tmp_path / "whole.qpt")
 
     out = tmp_path / "resumed.qpt"
@@ -145,6 +146,13 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_result(w4a4, labelled
         api.qat(str(w4a4), str(labelled), cfg, out)
 
 
+def test_cosine_schedule_decays_from_the_base_rate_to_one_percent():
+    f = [qat.lr_factor("cosine", t, 50) for t in range(50)]
+    assert f[0] == pytest.approx(1.0) and f[-1] == pytest.approx(0.01) and f[25] == pytest.approx(0.5, abs=0.03)
+    assert all(a > b for a, b in zip(f, f[1:]))
+    assert {qat.lr_factor("constant", t, 50) for t in range(50)} == {1.0}
+
+
 def test_labels_the_model_cannot_use_exit_2_and_suggest_pseudo_labels(qckpts, labelled, images_dir, tmp_path):
     from typer.testing import CliRunner
 
@@ -162,7 +170,8 @@ def test_labels_the_model_cannot_use_exit_2_and_suggest_pseudo_labels(qckpts, la
         assert not out.exists() and not Path(f"{out}.data").exists()
     for flags in (["--method", "taskq", "--pseudo-labels"], ["--method", "hqod", "--no-sparse"],
                   ["--method", "lsq", "--no-hiou"], ["--method", "hqod", "--quantizer", "pot"],
-                  ["--method", "hqod", "--epochs", "1", "--iters", "2"]):
+                  ["--method", "hqod", "--epochs", "1", "--iters", "2"], ["--method", "hqod", "--lr-schedule", "step"],
+                  ["--method", "taskq", "--lr-schedule", "constant"]):
         r = CliRunner().invoke(app, ["finetune", str(qckpts["yolov8n.yaml"]), "--data", str(labelled), *flags,
                                      "--out", str(tmp_path / "y.qpt")])
         assert_clean_error(r)
