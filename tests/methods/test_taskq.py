@@ -92,8 +92,30 @@ def test_resume_refuses_a_state_from_other_settings(nearest_qckpt, images_dir, t
         _finetune(nearest_qckpt, images_dir, tmp_path / "m.qpt", iters=5)
 
 
+def test_sparse_placement_takes_the_largest_head_error_cuts_within_the_budget(nearest_qckpt, images_dir):
+    from yoloq.data.datasets import iter_batches, resolve_data
+    from yoloq.methods.taskq import SPARSE_PREFILTER, TaskQConfig, float_reference, place_sparse
+
+    qm = api.load_quantized(nearest_qckpt)
+    images = [x for _, _, x in iter_batches(resolve_data(images_dir).take(2), SZ)]
+    cfg = TaskQConfig(sparse_min_gain=-1.0, sparse_budget=0.3, sparse_max=10)
+    rows = place_sparse(qm.model, float_reference(qm.model), images, cfg)
+    measured = [r for r in rows if r["head_gain"] is not None]
+    assert measured and all((r["gain"] >= SPARSE_PREFILTER) == (r["head_gain"] is not None) for r in rows)
+    assert len({round(r["head_gain"], 6) for r in measured}) > 1  # the head really sees each split differently
+    chosen = [r for r in rows if r["chosen"]]
+    total = sum(r["elements"] for r in rows)
+    assert chosen and sum(r["elements"] for r in chosen) <= 0.3 * total
+    # greedy by head gain: every measured tensor left out either scores lower than all chosen ones, or did not fit
+    room = 0.3 * total - sum(r["elements"] for r in chosen)
+    for r in measured:
+        if not r["chosen"]:
+            assert r["head_gain"] <= min(c["head_gain"] for c in chosen) or r["elements"] > room
+
+
 def test_sparse_branch_round_trips_and_exports_with_parity(nearest_qckpt, images_dir, tmp_path):
-    qm, rep = _finetune(nearest_qckpt, images_dir, iters=2, sparse=True, sparse_min_gain=0.0, sparse_max=2)
+    qm, rep = _finetune(nearest_qckpt, images_dir, iters=2, sparse=True, sparse_min_gain=-1.0, sparse_budget=1.0,
+                        sparse_max=2)
     chosen = [r["tensor"] for r in rep["sparse"] if r["chosen"]]
     assert len(chosen) == 2 and qm.recipe.sparse_tensors == chosen
     assert all(r["outlier_fraction"] <= 0.011 for r in rep["sparse"])
