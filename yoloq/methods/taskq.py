@@ -484,6 +484,7 @@ def place_sparse(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig) 
         acc.observe()
         probes[name] = (sq, acc, m.acc_quantizer, m.output_quantizer)
         m.acc_quantizer, m.output_quantizer = _Tee(acc, None), _Tee(sq, m.output_quantizer)
+
     def size_of(name):
         def hook(module, args, out) -> None:  # returning a value would replace the module's output
             elements.setdefault(name, out[0].numel())
