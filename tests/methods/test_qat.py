@@ -114,12 +114,33 @@ def _quantizers(model):
     return list(iter_quantizers(model))
 
 
+def test_training_state_is_written_at_most_once_per_interval_and_after_the_last_epoch(w4a4, labelled, tmp_path,
+                                                                                     monkeypatch):
+    epochs = []
+    save = qat.QATState.save
+
+    def record(self, model, opt, epoch, *a):
+        epochs.append(epoch)
+        save(self, model, opt, epoch, *a)
+
+    monkeypatch.setattr(qat.QATState, "save", record)
+    cfg = QATConfig(method="lsq", iters=6, lr=1e-3, distill=0.0, **TINY)  # 4 images, batch 2: 3 epochs
+    monkeypatch.setattr(qat, "SAVE_EVERY_S", 3600.0)
+    api.qat(str(w4a4), str(labelled), cfg, tmp_path / "a.qpt")
+    assert epochs == [3]
+    epochs.clear()
+    monkeypatch.setattr(qat, "SAVE_EVERY_S", 0.0)
+    api.qat(str(w4a4), str(labelled), cfg, tmp_path / "b.qpt")
+    assert epochs == [1, 2, 3]
+
+
 def test_resume_after_an_interrupt_gives_the_uninterrupted_result(w4a4, labelled, tmp_path, monkeypatch):
     # cosine: the resumed run must set the rates the uninterrupted one had at the same steps
     cfg = QATConfig(method="hqod", iters=6, lr=1e-3, lr_schedule="cosine", **TINY)
     whole, _ = api.qat(str(w4a4), str(labelled), cfg, tmp_path / "whole.qpt")
 
     out = tmp_path / "resumed.qpt"
+    monkeypatch.setattr(qat, "SAVE_EVERY_S", 0.0)  # a write after every epoch, so that one can be interrupted
     save = qat.QATState.save
 
     def save_then_stop(self, model, opt, epoch, *a):

@@ -33,6 +33,10 @@ from yoloq.model import yolo
 from yoloq.ui import hide_on_error, progress
 
 STATE_FORMAT = "yoloq.qat-state"
+# The training state (model, Adam's moments, the start checkpoint: ~180 MB for YOLOv8s) is written after an epoch once
+# this many seconds have passed since the last write, and after the last epoch. On a GPU with few images an epoch
+# takes a second or two, and a write after each one cost as much as the training.
+SAVE_EVERY_S = 60.0
 METHODS = ("hqod", "lsq")
 
 
@@ -120,7 +124,8 @@ class Dist:
 
 # ---- resumable state -------------------------------------------------------------------------------------------------
 class QATState:
-    """`<out>.partial`: the starting checkpoint, the settings, and after each epoch the model, optimizer and RNGs."""
+    """`<out>.partial`: the starting checkpoint, the settings, and after an epoch (SAVE_EVERY_S) the model,
+    optimizer and RNGs."""
 
     def __init__(self, path: Path, cfg: QATConfig, fingerprint: dict) -> None:
         self.path, self.cfg, self.fingerprint, self.payload = path, cfg, fingerprint, None
@@ -265,6 +270,7 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
         if state is not None:
             state.payload["loss_before"] = before
     t0 = time.perf_counter() - seconds
+    saved = time.perf_counter()
     with progress() as bar, hide_on_error(bar) as task:
         bar.update(task, total=total, completed=step, description=f"QAT {cfg.method}", visible=dist.main)
         for epoch in range(epoch0, epochs):
@@ -293,8 +299,10 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
                 rows.append(items)
                 bar.update(task, advance=1, info=" ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
             history.append({"epoch": epoch + 1, "step": step, **_mean(rows)})
-            if state is not None and dist.main:
+            due = epoch + 1 == epochs or time.perf_counter() - saved >= SAVE_EVERY_S
+            if state is not None and dist.main and due:
                 state.save(model, opt, epoch + 1, step, history, time.perf_counter() - t0)
+                saved = time.perf_counter()
             dist.barrier()
     after = eval_loss(model, criterion, train_images, qm.names, cfg.imgsz, local_batch) if dist.main else None
     qm.model = model.cpu()  # convert() builds its small tensors on the CPU
