@@ -193,6 +193,8 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
         qm = calibrate(source, ds, recipe)
     note = "labels of the interrupted run"
     if dist.main and not (resuming and (work / "images").is_dir()):
+        if cfg.pseudo_labels and cfg.device == "cuda":  # labelling 64 images at 640 on a busy CPU took minutes
+            float_model.to(f"cuda:{dist.rank}")
         labels, note = training_labels(ds, yolo.class_names(float_model), float_model, cfg.pseudo_labels, recipe.imgsz)
         write_yolo(ds.images, labels, work)
     dist.barrier()

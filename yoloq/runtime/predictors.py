@@ -31,7 +31,8 @@ class TorchPredictor:
     def raw(self, x: torch.Tensor) -> np.ndarray:
         torch.set_num_threads(self.threads)
         with self._yolo.export_head(self.model, self.imgsz):
-            return self._yolo.forward_raw(self.model, x).numpy()
+            device = next(self.model.parameters()).device
+            return self._yolo.forward_raw(self.model, x.to(device)).cpu().numpy()
 
 
 class OrtPredictor:
