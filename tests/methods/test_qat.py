@@ -3,6 +3,7 @@ torchrun with two processes, and refuses labels it cannot use."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -247,3 +248,20 @@ def test_the_deployed_head_trains_the_whole_trunk(qckpts, labelled, tmp_path, fa
     loss.backward()
     assert model.model[0].conv.weight.grad.abs().sum() > 0
     assert yolo.is_end2end(model) == (family == "yolo26n.yaml") and ("l1" in items) == (yolo.reg_max(model) == 1)
+
+
+def test_device_check_script_finds_the_cpu_agreeing_with_itself(w4a4, images_dir, tmp_path):
+    # scripts/check_qat_device.py diagnoses the CUDA fault (README); against the CPU itself nothing may differ
+    out = tmp_path / "check.json"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "check_qat_device.py"
+    r = subprocess.run([sys.executable, str(script), str(w4a4), "--data", str(images_dir), "--other", "cpu",
+                        "--steps", "2", "--batch", "2", "--imgsz", str(SZ), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["step"] for row in rows] == [1, 2] and rows[0]["loss_cpu"] != rows[1]["loss_cpu"]  # it trained
+    for row in rows:
+        assert set(row["gradients"]) == {"weights", "weight steps", "activation steps"}
+        for g in row["gradients"].values():
+            assert g["cosine"] == pytest.approx(1.0, abs=1e-12) and g["sign_agreement"] == 1.0
+        assert all(v == 0.0 for v in row["params_max_rel_diff"].values())

@@ -30,7 +30,7 @@ from yoloq.errors import YoloqError
 from yoloq.losses.distill import distill_loss
 from yoloq.losses.hqod import HQODLossConfig
 from yoloq.model import yolo
-from yoloq.ui import hide_on_error, progress
+from yoloq.ui import console, hide_on_error, progress
 
 STATE_FORMAT = "yoloq.qat-state"
 # The training state (model, Adam's moments, the start checkpoint: ~180 MB for YOLOv8s) is written after an epoch once
@@ -51,10 +51,9 @@ class QATConfig:
     lr: float = 1e-5  # Adam, weights and biases
     lr_scale: float = 1e-3  # Adam, LSQ steps, relative to each quantizer's initial step
     lr_log2: float = 5e-3  # Adam, TQT's log2 steps
-    # "constant", or "cosine": every group's rate decays to 1% of it at the last step (Ultralytics' lrf). For long
-    # runs, which drift from the float model at a constant rate (H100, 800 steps: 0.34). At the 300-step default
-    # the model is still under-trained and decay costs fidelity (demo W4A4 HQOD: 0.512 constant, 0.456 cosine;
-    # 600 cosine steps, 22 minutes: 0.488)
+    # "constant", or "cosine": every group's rate decays to 1% of it at the last step (Ultralytics' lrf), for long
+    # runs. At the 300-step default the model is still under-trained and decay costs fidelity (demo W4A4 HQOD: 0.512
+    # constant, 0.456 cosine; 600 cosine steps, 22 minutes: 0.488)
     lr_schedule: str = "constant"
     tcorr: bool = True
     hiou: bool = True
@@ -218,6 +217,29 @@ def eval_loss(model, criterion, train_images: Path, names: dict, imgsz: int, bat
     return _mean(rows)
 
 
+def training_loss(model, criterion, teacher, batch: dict, distill: float, runner=None) -> tuple[torch.Tensor, dict]:
+    """One batch's training loss (detection loss, HQOD terms, distillation from `teacher` when given) and its items."""
+    x = batch["img"].to(next(model.parameters()).device, non_blocking=True).float() / 255
+    preds = yolo.training_outputs(model, x, runner)
+    loss, items = criterion(preds, batch)
+    if teacher is not None:
+        with torch.no_grad():
+            target = yolo.training_outputs(teacher, x)
+        kd, kd_items = distill_loss(preds, target, yolo.reg_max(model))
+        loss = loss + distill * kd * x.shape[0]  # per image, scaled like Ultralytics' loss
+        items.update(kd_items)
+    return loss, items
+
+
+def update(model, opt, loss: torch.Tensor) -> None:
+    """Backward, clip the gradient norm to 10 (as Ultralytics does), an Adam step, then keep learned steps legal."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    opt.step()
+    _clamp_steps(model)
+
+
 def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, dist: Dist | None = None,
         float_model=None):
     """Train a QuantizedModel on the YOLO-format dataset at `train_images` (images/ with labels/ beside it);
@@ -234,6 +256,9 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
         qm = checkpoint.load("<training state>", dict(state.payload["checkpoint"]))
     elif state is not None:
         state.start(checkpoint.payload(qm))
+    if device.type == "cuda" and dist.main:
+        console.print("[yellow]warning:[/] QAT on CUDA currently ends far below the same recipe on the CPU (demo W4A4, "
+                      "300 steps: 0.14 against 0.51 fidelity); see README, 'QAT on CUDA is broken'")
     model = qm.model.to(device)
     groups = setup(model, cfg)
     opt = torch.optim.Adam(groups)
@@ -279,22 +304,10 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
             for batch in loader:
                 if step >= total:
                     break
-                x = batch["img"].to(device, non_blocking=True).float() / 255
-                preds = yolo.training_outputs(model, x, runner)
-                loss, items = criterion(preds, batch)
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = yolo.training_outputs(teacher, x)
-                    kd, kd_items = distill_loss(preds, target, yolo.reg_max(model))
-                    loss = loss + cfg.distill * kd * x.shape[0]  # per image, scaled like Ultralytics' loss
-                    items.update(kd_items)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # as Ultralytics clips
                 for g, lr in zip(opt.param_groups, base_lr):  # a function of the step alone: resume is exact
                     g["lr"] = lr * lr_factor(cfg.lr_schedule, step, total)
-                opt.step()
-                _clamp_steps(model)
+                loss, items = training_loss(model, criterion, teacher, batch, cfg.distill, runner)
+                update(model, opt, loss)
                 step += 1
                 rows.append(items)
                 bar.update(task, advance=1, info=" ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
