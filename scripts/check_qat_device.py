@@ -1,10 +1,11 @@
 """Run the same QAT steps on the CPU and on another device, on one fixed batch, and say where they part.
 
-QAT with `--device cuda` ends far below the same recipe on the CPU (demo W4A4, 300 steps: 0.14 against 0.51; see
-docs/methods.md). This script isolates the first step at which the two differ: both copies start from one checkpoint,
-see the same un-augmented batch and the same teacher, and after each step it reports, per parameter kind (weights and
-biases, weight steps, activation steps), the cosine similarity and norm ratio of the two gradients, the share of
-elements whose gradient signs agree, and how far the parameters have moved apart.
+The first QAT runs on a lent H100 ended far below the same recipe on the CPU (demo W4A4, 300 steps: 0.14 against
+0.51). The cause was the older PyTorch there (torch.clamp's gradient at its bounds; see yoloq.core.functional.
+fake_quantize), but a device may differ in other ways. Run this before a long GPU training: both copies start from one
+checkpoint, see the same un-augmented batch and the same teacher, and after each step it reports, per parameter kind
+(weights and biases, weight steps, activation steps), the cosine similarity and norm ratio of the two gradients, the
+share of elements whose gradient signs agree, and how far the parameters have moved apart.
 
     python scripts/check_qat_device.py W4A4.qpt --data images/ [--other cuda] [--steps 5] [--json out/check.json]
 

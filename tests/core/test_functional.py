@@ -156,6 +156,20 @@ def test_fake_quantize_ste_gradient():
     assert torch.equal(x.grad[~inside], torch.zeros(int((~inside).sum())))
 
 
+def test_codes_on_the_end_of_the_range_count_as_clipped_whatever_torch_clamp_does():
+    # torch.clamp's subgradient at its bounds changed between releases (1, then 0); GPTQ puts many weights exactly on
+    # the end codes, so fake_quantize fixes the convention itself: the end codes pass no gradient to x, and the step
+    # gets the code (LSQ's clipped case). 4-bit signed, step 0.5: -4.0 and 3.5 sit on -8 and 7, -3.8 rounds to -8.
+    x = T([-4.0, 3.5, -3.8, 1.0, 1.2], requires_grad=True)
+    scale = T([0.5]).requires_grad_(True)
+    y = fake_quantize(x, scale, T([0.0]), -8, 7)
+    assert y.detach().tolist() == [-4.0, 3.5, -4.0, 1.0, 1.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    # dy/ds: the code when clipped, round(x/s) - x/s inside: -8 + 7 - 8 + 0 + (2 - 2.4)
+    assert float(scale.grad) == pytest.approx(-9.4, abs=1e-6)
+
+
 def test_lsq_forward_matches_and_scale_gets_gradient():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64, generator=g)

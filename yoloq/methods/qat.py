@@ -30,7 +30,7 @@ from yoloq.errors import YoloqError
 from yoloq.losses.distill import distill_loss
 from yoloq.losses.hqod import HQODLossConfig
 from yoloq.model import yolo
-from yoloq.ui import console, hide_on_error, progress
+from yoloq.ui import hide_on_error, progress
 
 STATE_FORMAT = "yoloq.qat-state"
 # The training state (model, Adam's moments, the start checkpoint: ~180 MB for YOLOv8s) is written after an epoch once
@@ -256,9 +256,6 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
         qm = checkpoint.load("<training state>", dict(state.payload["checkpoint"]))
     elif state is not None:
         state.start(checkpoint.payload(qm))
-    if device.type == "cuda" and dist.main:
-        console.print("[yellow]warning:[/] QAT on CUDA currently ends far below the same recipe on the CPU (demo W4A4, "
-                      "300 steps: 0.14 against 0.51 fidelity); see README, 'QAT on CUDA is broken'")
     model = qm.model.to(device)
     groups = setup(model, cfg)
     opt = torch.optim.Adam(groups)
