@@ -1,7 +1,7 @@
 import torch
 
 from yoloq import api, checkpoint
-from yoloq.core.modules import iter_quantizers
+from yoloq.core.modules import QConv2d, iter_quantizers
 from yoloq.model import yolo
 
 from .conftest import IMGSZ
@@ -19,3 +19,22 @@ def test_round_trip_gives_identical_outputs(qckpts, tmp_path):
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.no_grad(), yolo.export_head(a.model, IMGSZ), yolo.export_head(b.model, IMGSZ):
         assert torch.equal(a.model(x), b.model(x))
+
+
+def test_eight_bit_weight_codes_are_reduced_range(qckpts):
+    qm = api.load_quantized(qckpts["yolov8n.yaml"])
+    assert qm.recipe.weight_reduce_range
+    convs = [m for m in qm.model.modules() if isinstance(m, QConv2d)]
+    assert convs and all(m.weight_quantizer.spec.qrange == (-64, 64) for m in convs)
+    codes = torch.cat([m.weight_quantizer.int_repr(m.conv.weight).flatten().float() for m in convs])
+    assert codes.abs().max() == 64  # the grid is used to its end, not just bounded
+
+
+def test_version_2_checkpoint_loads_with_full_range_weights(qckpts, tmp_path):
+    payload = torch.load(qckpts["yolov8n.yaml"], weights_only=True)
+    payload["version"] = 2
+    del payload["recipe"]["weight_reduce_range"]
+    torch.save(payload, tmp_path / "v2.qpt")
+    qm = api.load_quantized(tmp_path / "v2.qpt")
+    assert not qm.recipe.weight_reduce_range
+    assert all(m.weight_quantizer.spec.qrange == (-128, 127) for m in qm.model.modules() if isinstance(m, QConv2d))

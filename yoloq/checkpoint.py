@@ -17,7 +17,8 @@ from yoloq.io import atomic_path
 from yoloq.recipe import Recipe
 
 FORMAT = "yoloq.quantized-checkpoint"
-VERSION = 2  # 2: the head's final convs have no output quantizer
+VERSION = 3  # 2: the head's final convs have no output quantizer; 3: the recipe says weight_reduce_range
+READABLE = (2, 3)
 
 
 @dataclass
@@ -61,8 +62,11 @@ def read(path: str | Path) -> dict | None:
         return None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         return None
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE:
         raise YoloqError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION})")
+    if payload["version"] == 2:  # calibrated before reduce_range existed: full-range 8-bit weight codes
+        payload["recipe"] = {**payload["recipe"], "weight_reduce_range": False}
+        payload["version"] = VERSION
     return payload
 
 

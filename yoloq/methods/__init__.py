@@ -21,6 +21,7 @@ def build_quantized(model, recipe: Recipe):
         observer=recipe.observer,
         keep_first_last_8bit=recipe.keep_first_last_8bit,
         quantize_gate=recipe.quantize_gate,
+        weight_reduce_range=recipe.weight_reduce_range,
     )
     model = yolo.quantize_model(model, placement)
     if recipe.sparse_tensors:

@@ -57,6 +57,7 @@ class Placement:
     observer: str = "minmax"
     keep_first_last_8bit: bool = True
     quantize_gate: bool = True
+    weight_reduce_range: bool = True  # 8-bit weight codes in [-64, 64] (see QSpec.reduce_range)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
         if is_first:
             wbits, in_bits = eight or p.weight_bits, 8
         out_bits = 8 if id(owner) in feeders else p.act_bits
-        q = QConv2d(conv, act, wbits, out_bits, 8, p.observer, in_bits, p.quantize_gate)
+        q = QConv2d(conv, act, wbits, out_bits, 8, p.observer, in_bits, p.quantize_gate, p.weight_reduce_range)
         if is_first:
             # pixels are k/255, k = 0..255: exactly representable, so no calibration and no error
             q.input_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))
@@ -187,7 +188,8 @@ def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
                 # The head's outputs stay float: they feed the float decode (DFL, sigmoid), and quantizing them
                 # cost fidelity (demo YOLOv8s W8A8 in ORT: 0.945 -> 0.956 without them) for no speed (these 1x1
                 # convs run as float convs on dequantized int8 inputs, measured equal in ORT).
-                _replace(parent, name, QConv2d(child, None, final_convs[id(child)], None, 8, p.observer, None))
+                _replace(parent, name, QConv2d(child, None, final_convs[id(child)], None, 8, p.observer, None,
+                                                     weight_reduce_range=p.weight_reduce_range))
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
