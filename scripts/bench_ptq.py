@@ -144,10 +144,14 @@ def main() -> None:
     variants = [(8, 8, "minmax", "gptq"), (8, 8, "percentile", "gptq"), (8, 8, "mse", "gptq"),
                 (4, 8, "minmax", "gptq"), (4, 8, "percentile", "gptq"), (4, 8, "mse", "nearest"), (4, 8, "mse", "gptq"),
                 (4, 4, "minmax", "gptq"), (4, 4, "percentile", "gptq"), (4, 4, "mse", "nearest"), (4, 4, "mse", "gptq")]
-    for w, a, obs, rounding in variants:
-        recipe = Recipe(w, a, obs, images=args.calib_images, imgsz=args.imgsz, weight_rounding=rounding)
+    # reduce_range False: full-range 8-bit weight codes, exact only on CPUs with VNNI (see docs/placement.md)
+    variants = [(*v, True) for v in variants] + [(8, 8, "mse", "gptq", False)]
+    for w, a, obs, rounding, reduce_range in variants:
+        recipe = Recipe(w, a, obs, images=args.calib_images, imgsz=args.imgsz, weight_rounding=rounding,
+                        weight_reduce_range=reduce_range)
         # GPTQ applies below 8 bits only, so 8-bit rows need no rounding label
-        name = f"yoloq {recipe.name} {obs}" + (f" {rounding}" if w < 8 else "")
+        name = f"yoloq {recipe.name} {obs}" + (f" {rounding}" if w < 8 else "") + \
+            ("" if reduce_range else " full-range weights")
 
         def build(p, recipe=recipe, name=name):
             t = time.perf_counter()
