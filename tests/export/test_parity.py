@@ -35,6 +35,14 @@ def _session(path, level):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _run_layer_in_ort(layer, x, path, level):
+    """One quantized layer exported as QDQ and run in ORT on x."""
+    for q in layer.quantizers().values():
+        q.export_mode = "qdq"
+    torch.onnx.export(layer, x, str(path), opset_version=17, input_names=["x"], output_names=["y"], dynamo=False)
+    return _session(path, level).run(None, {"x": x.numpy()})[0]
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_single_layer_parity_within_one_step(level, qckpts, tmp_path):
     qm = api.load_quantized(qckpts["yolov8n.yaml"])
@@ -43,11 +51,7 @@ def test_single_layer_parity_within_one_step(level, qckpts, tmp_path):
     layer.input_quantizer = copy.deepcopy(qm.model.model[0].output_quantizer)  # feed it quantized inputs, as in the model
     x = torch.rand(1, layer.conv.in_channels, 24, 24) * 3 - 0.3
     ref = layer(x).detach().numpy()
-    for q in layer.quantizers().values():
-        q.export_mode = "qdq"
-    path = tmp_path / "layer.onnx"
-    torch.onnx.export(layer, x, str(path), opset_version=17, input_names=["x"], output_names=["y"], dynamo=False)
-    got = _session(path, level).run(None, {"x": x.numpy()})[0]
+    got = _run_layer_in_ort(layer, x, tmp_path / "layer.onnx", level)
     step = float(layer.output_quantizer.scale)
     assert np.abs(got - ref).max() <= step * 1.001
     assert (np.abs(got - ref) < 1e-6).mean() > 0.95  # mostly identical, not just close
@@ -62,11 +66,7 @@ def test_first_conv_parity_on_bright_images(level, qckpts, tmp_path):
     x = (0.9 + 0.1 * torch.rand(1, 3, 32, 32)).clamp(max=1.0)
     x[..., :8, :] = 1.0
     ref = layer(x).detach().numpy()
-    for q in layer.quantizers().values():
-        q.export_mode = "qdq"
-    path = tmp_path / "first.onnx"
-    torch.onnx.export(layer, x, str(path), opset_version=17, input_names=["x"], output_names=["y"], dynamo=False)
-    got = _session(path, level).run(None, {"x": x.numpy()})[0]
+    got = _run_layer_in_ort(layer, x, tmp_path / "first.onnx", level)
     assert np.abs(got - ref).max() <= float(layer.output_quantizer.scale) * 1.001
 
 
