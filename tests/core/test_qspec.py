@@ -75,7 +75,7 @@ def test_dict_round_trip_and_frozen():
 def test_reduce_range_keeps_pairs_of_uint8_products_inside_int16():
     # ORT's u8s8 kernels on x86 without VNNI add two uint8 x int8 products in int16 with saturation
     spec = weight_spec(8, reduce_range=True)
-    assert spec.qrange == (-64, 64) and spec.bits == 8
+    assert spec.qrange == (-64, 64) and spec.bits == 8 and spec.levels == 129
     assert 255 * 2 * max(-spec.qmin, spec.qmax) <= 2**15 - 1
     assert 255 * 2 * max(-weight_spec(8).qmin, weight_spec(8).qmax) > 2**15 - 1  # the full range does not fit
     for bits in range(2, 8):  # low-bit codes fit already and keep their whole range

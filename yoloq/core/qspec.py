@@ -51,7 +51,7 @@ class QSpec:
 
     @property
     def levels(self) -> int:
-        return 2**self.bits
+        return self.qmax - self.qmin + 1
 
     def to_dict(self) -> dict:
         return asdict(self)
