@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--json", default=str(ROOT / "out" / "bench_ptq.json"))
-    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--only", default=None, help="row names to run, separated by ';' (some names hold commas; default: all)")
     ap.add_argument("--iters", type=int, default=None, help="fine-tuning steps per unit (default: the method's)")
     args = ap.parse_args()
 
@@ -178,7 +178,10 @@ def main() -> None:
                 return p
 
             builders[name] = build
-    only = set(args.only.split(",")) if args.only else None
+    only = {n.strip() for n in args.only.split(";")} if args.only else None
+    unknown = only - set(builders) if only else set()
+    if unknown:
+        ap.error(f"unknown rows: {'; '.join(sorted(unknown))}")
     paths = {"FP32": fp32}
     for i, (name, fn) in enumerate(builders.items()):
         if only and name not in only:
