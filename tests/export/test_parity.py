@@ -60,14 +60,16 @@ def test_single_layer_parity_within_one_step(level, qckpts, tmp_path):
 @pytest.mark.parametrize("level", LEVELS)
 def test_first_conv_parity_on_bright_images(level, qckpts, tmp_path):
     # pixel codes near 255 times the first conv's largest 8-bit weights: where full-range int8 weights overflow the
-    # int16 pair sums of ORT's u8s8 kernels on CPUs without VNNI (measured: 145 steps off on an AVX2 EPYC)
+    # int16 pair sums of ORT's u8s8 kernels on CPUs without VNNI (full-range codes: 53 steps off on an AVX2 EPYC)
     qm = api.load_quantized(qckpts["yolov8n.yaml"])
     layer = copy.deepcopy(qm.model.model[0])
-    x = (0.9 + 0.1 * torch.rand(1, 3, 32, 32)).clamp(max=1.0)
+    x = (0.9 + 0.1 * torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(max=1.0)
     x[..., :8, :] = 1.0
     ref = layer(x).detach().numpy()
     got = _run_layer_in_ort(layer, x, tmp_path / "first.onnx", level)
-    assert np.abs(got - ref).max() <= float(layer.output_quantizer.scale) * 1.001
+    # a float tie can flip one pre-SiLU code, which SiLU (slope <= 1.1) passes on: here about two output steps
+    assert np.abs(got - ref).max() <= 1.1 * float(layer.acc_quantizer.scale) * 1.001
+    assert (np.abs(got - ref) < 1e-6).mean() > 0.99  # saturation moved 90% of the outputs, by up to 84 steps
 
 
 def _head_outputs(model, graph_names: set[str]):

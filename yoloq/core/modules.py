@@ -70,7 +70,8 @@ class QConv2d(nn.Module):
         self.conv = conv
         self.act = act if act is not None and not isinstance(act, nn.Identity) else None
         self.silu = isinstance(self.act, nn.SiLU)
-        self.weight_quantizer = FakeQuantizer(weight_spec(weight_bits, weight_reduce_range), conv.out_channels, observer, weight=True)
+        self.weight_quantizer = FakeQuantizer(weight_spec(weight_bits, weight_reduce_range), conv.out_channels, observer,
+                                              weight=True)
         self.input_quantizer = (
             FakeQuantizer(activation_spec(input_bits), observer=observer) if input_bits is not None else None
         )
