@@ -17,8 +17,9 @@ from yoloq.io import atomic_path
 from yoloq.recipe import Recipe
 
 FORMAT = "yoloq.quantized-checkpoint"
-VERSION = 3  # 2: the head's final convs have no output quantizer; 3: the recipe says weight_reduce_range
-READABLE = (2, 3)
+VERSION = 4  # 2: the head's final convs have no output quantizer; 3: the recipe says weight_reduce_range;
+# 4: it says share_concat_grids
+READABLE = (2, 3, 4)
 
 
 @dataclass
@@ -66,7 +67,9 @@ def read(path: str | Path) -> dict | None:
         raise YoloqError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION})")
     if payload["version"] == 2:  # calibrated before reduce_range existed: full-range 8-bit weight codes
         payload["recipe"] = {**payload["recipe"], "weight_reduce_range": False}
-        payload["version"] = VERSION
+    if payload["version"] in (2, 3):  # calibrated with a grid of its own for every Concat input
+        payload["recipe"] = {**payload["recipe"], "share_concat_grids": False}
+    payload["version"] = VERSION
     return payload
 
 

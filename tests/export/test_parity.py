@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from onnx import TensorProto, helper
 
 from yoloq import api
-from yoloq.core.modules import QConv2d
+from yoloq.core.modules import QConv2d, iter_quantizers
 from yoloq.data.datasets import iter_batches, resolve_data
 from yoloq.model import yolo
 
@@ -87,10 +88,8 @@ def _head_outputs(model, graph_names: set[str]):
     return pairs
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-@pytest.mark.parametrize("level", LEVELS)
-def test_head_conv_outputs_agree_within_one_step(fam, level, qckpts, images_dir, tmp_path):
-    qm = api.load_quantized(qckpts[fam])
+def _head_agreement(qm, level, images_dir, tmp_path) -> float:
+    """Share of the head's final-conv outputs on which ORT and PyTorch agree within one 8-bit step of their range."""
     path = tmp_path / "m.onnx"
     api.export(qm, path)
     m = onnx.load(str(path))
@@ -114,7 +113,30 @@ def test_head_conv_outputs_agree_within_one_step(fam, level, qckpts, images_dir,
                 total += close.size
     for h in hooks:
         h.remove()
-    assert agree / total >= 0.99
+    return agree / total
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("level", LEVELS)
+def test_head_conv_outputs_agree_within_one_step(fam, level, qckpts, images_dir, tmp_path):
+    assert _head_agreement(api.load_quantized(qckpts[fam]), level, images_dir, tmp_path) >= 0.99
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_w4a4_with_shared_concat_grids_agrees_and_keeps_concats_int8(level, images_dir, tmp_path):
+    from yoloq.recipe import Recipe
+
+    qm = api.calibrate("yolo11n.yaml", str(images_dir), Recipe(4, 4, "mse", images=4, imgsz=IMGSZ))
+    assert sum(q.shared for _, q in iter_quantizers(qm.model)) >= 8
+    assert _head_agreement(qm, level, images_dir, tmp_path) >= 0.99
+    # a shared quantizer's consumer gets no Clip (its inputs already lie on the grid), so ORT runs the Concat in int8
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    inner = sum(1 for x in qm.model.modules() if yolo._concat_parts(x) is not None)
+    assert ops["QLinearConcat"] >= inner, ops
 
 
 # The fake-quant model is chaotic in its rounding: where a float sum lands within an ulp of a rounding boundary, a

@@ -42,6 +42,32 @@ def test_every_conv_is_wrapped_and_first_last_stay_8bit(fam):
     assert any(isinstance(x, QuantizedOutput) for x in m.modules())
 
 
+def _concat_groups(m):
+    """(consumer input quantizer, producers' output quantizers) of every C2f / C3k2 / SPPF inner Concat."""
+    from ultralytics.nn.modules import SPPF, C2f
+
+    groups = []
+    for x in m.modules():
+        if isinstance(x, C2f):
+            outs = [x.cv1] + [yolo._output_owner(b) for b in x.m]  # Bottleneck, C3k, Bottleneck + PSABlock
+            groups.append((x.cv2.input_quantizer, [o.output_quantizer for o in outs]))
+        elif isinstance(x, SPPF):
+            groups.append((x.cv2.input_quantizer, [x.cv1.output_quantizer]))
+    return groups
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_concat_inputs_are_quantized_once_on_the_consumer_grid_below_8_bits(fam):
+    groups = _concat_groups(_quantized(fam, weight_bits=4, act_bits=4))
+    assert len(groups) >= 8
+    for consumer, producers in groups:
+        assert consumer.shared and all(p is consumer for p in producers)
+    # 8-bit activations, or the switch off (as in checkpoints before version 4): a grid per tensor
+    for kw in ({"weight_bits": 4, "act_bits": 8}, {"weight_bits": 4, "act_bits": 4, "share_concat_grids": False}):
+        for consumer, producers in _concat_groups(_quantized(fam, **kw)):
+            assert not consumer.shared and all(p is not consumer for p in producers)
+
+
 def test_first_last_can_go_low_bit():
     m = _quantized("yolov8n.yaml", weight_bits=4, act_bits=4, keep_first_last_8bit=False)
     assert m.model[0].weight_quantizer.spec.bits == 4

@@ -205,6 +205,8 @@ class QConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
+            if self.input_quantizer.shared:  # every input was quantized by this quantizer already: no Clip
+                self.input_quantizer.input_max = self.input_quantizer.real_range()[1]
             x = self.input_quantizer(x)
         c = self.conv
         y = F.conv2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
@@ -235,6 +237,7 @@ class QuantizedOutput(nn.Module):
         self.output_quantizer = FakeQuantizer(activation_spec(bits), observer=observer)
 
     def forward(self, x):
+        self.output_quantizer.input_max = None  # unbounded (a shared quantizer may hold another producer's bound)
         return self.output_quantizer(self.module(x))
 
 

@@ -69,6 +69,8 @@ class FakeQuantizer(nn.Module):
         self.enabled = True
         # the largest value the producer can emit, when it is bounded (set by the module that owns this quantizer)
         self.input_max: float | None = None
+        # one quantizer for several producers and their Concat's consumer (model.yolo.share_concat_grids)
+        self.shared = False
         self.export_mode: str | None = None
         # fine-tuning (not saved): QDrop-style probability of passing an element through unquantized
         self.drop_prob = 0.0

@@ -22,6 +22,7 @@ def build_quantized(model, recipe: Recipe):
         keep_first_last_8bit=recipe.keep_first_last_8bit,
         quantize_gate=recipe.quantize_gate,
         weight_reduce_range=recipe.weight_reduce_range,
+        share_concat_grids=recipe.share_concat_grids,
     )
     model = yolo.quantize_model(model, placement)
     if recipe.sparse_tensors:

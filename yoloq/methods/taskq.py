@@ -423,10 +423,11 @@ def check_startable(qmodel) -> None:
 
 
 def sparse_candidates(qmodel) -> dict[str, QConv2d]:
-    """SiLU outputs below 8 bits: the long-tailed tensors the sparse branch is for."""
+    """SiLU outputs below 8 bits: the long-tailed tensors the sparse branch is for (not those sharing their grid
+    with a Concat's consumer, which would requantize the split tensor)."""
     return {n: m for n, m in qmodel.named_modules()
             if isinstance(m, QConv2d) and m.silu and isinstance(m.output_quantizer, FakeQuantizer)
-            and m.output_quantizer.spec.bits < 8}
+            and m.output_quantizer.spec.bits < 8 and not m.output_quantizer.shared}
 
 
 # ---- sparse branch placement -----------------------------------------------------------------------------------------
