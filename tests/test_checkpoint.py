@@ -38,3 +38,29 @@ def test_version_2_checkpoint_loads_with_full_range_weights(qckpts, tmp_path):
     qm = api.load_quantized(tmp_path / "v2.qpt")
     assert not qm.recipe.weight_reduce_range
     assert all(m.weight_quantizer.spec.qrange == (-128, 127) for m in qm.model.modules() if isinstance(m, QConv2d))
+
+
+def test_version_3_checkpoint_loads_with_a_grid_per_concat_input(images_dir, tmp_path):
+    """Before version 4 every Concat input had its own quantizer: loading one must not tie them (the saved producer
+    and consumer ranges differ, and a tied model would keep only one of them)."""
+    from yoloq.recipe import Recipe
+
+    qm = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=64,
+                                                             share_concat_grids=False))
+    api.save(qm, tmp_path / "untied.qpt")
+    payload = torch.load(tmp_path / "untied.qpt", weights_only=True)
+    payload["version"] = 3
+    del payload["recipe"]["share_concat_grids"]
+    torch.save(payload, tmp_path / "v3.qpt")
+    back = api.load_quantized(tmp_path / "v3.qpt")
+    assert not back.recipe.share_concat_grids
+    c2f = back.model.model[2]
+    assert c2f.cv1.output_quantizer is not c2f.cv2.input_quantizer
+    assert float(c2f.cv1.output_quantizer.scale) == float(qm.model.model[2].cv1.output_quantizer.scale)
+    assert float(c2f.cv1.output_quantizer.scale) != float(c2f.cv2.input_quantizer.scale)
+    # and a version-4 W4A4 checkpoint comes back tied, with the calibrated shared range
+    tied = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=64))
+    api.save(tied, tmp_path / "tied.qpt")
+    c2f = api.load_quantized(tmp_path / "tied.qpt").model.model[2]
+    assert c2f.cv1.output_quantizer is c2f.cv2.input_quantizer
+    assert float(c2f.cv2.input_quantizer.scale) == float(tied.model.model[2].cv2.input_quantizer.scale)

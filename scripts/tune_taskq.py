@@ -1,0 +1,75 @@
+"""One TASKQ (or baseline) fine-tuning of the demo YOLOv8s with config overrides, scored on images it did not see.
+
+Fine-tunes on the first --images images of --data, exports QDQ ONNX, and reports ONNX Runtime fidelity against FP32
+on the remaining images (held out) and on all of them; appends one JSON line to --log. For comparing settings:
+
+    python scripts/tune_taskq.py --bits 4/4 --set iters=300 --set sparse=false --set lr_bias=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from yoloq import api  # noqa: E402
+from yoloq.data.datasets import Dataset, resolve_data  # noqa: E402
+from yoloq.demo_model import demo_model_path  # noqa: E402
+from yoloq.export.onnx import export_float_onnx  # noqa: E402
+from yoloq.methods.taskq import TaskQConfig  # noqa: E402
+from yoloq.runtime.evaluate import evaluate, reference_detections  # noqa: E402
+from yoloq.runtime.predictors import OrtPredictor  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(SHARED))
+    ap.add_argument("--images", type=int, default=32, help="fine-tuning images (the first N); the rest are held out")
+    ap.add_argument("--bits", default="4/4", help="W/A, e.g. 4/8")
+    ap.add_argument("--method", default="taskq")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TaskQConfig override (YAML value)")
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--out", default=str(ROOT / "out" / "tune"))
+    ap.add_argument("--log", default=str(ROOT / "out" / "tune.jsonl"))
+    args = ap.parse_args()
+
+    w, a = (int(b) for b in args.bits.split("/"))
+    over = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        over[k] = yaml.safe_load(v)
+    cfg = TaskQConfig.preset(args.method, **over)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(demo_model_path())
+    ds = resolve_data(args.data)
+    if len(ds.images) <= args.images:
+        ap.error(f"--data has {len(ds.images)} images: nothing left to hold out after --images {args.images}")
+    held = Dataset(ds.images[args.images:], None, ds.names, ds.source)
+    fp32 = export_float_onnx(model, out / "fp32.onnx", args.imgsz)
+    t = time.perf_counter()
+    qm, rep = api.finetune(model, ds, cfg, None, w, a, args.images, args.imgsz)
+    row = {"bits": args.bits, "method": args.method, "set": over, "seconds": round(time.perf_counter() - t, 1),
+           "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]]}
+    path = out / f"W{w}A{a}-{args.method}-{abs(hash(json.dumps(over, sort_keys=True))) % 10**8}.onnx"
+    api.export(qm, path)
+    for tag, d in (("held_out", held), ("all", ds)):
+        ref = reference_detections(OrtPredictor(fp32, threads=2), d)
+        row[f"fidelity_{tag}"] = round(evaluate(OrtPredictor(path, threads=2), d, ref)["fidelity"], 4)
+    print(json.dumps(row))
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.log, "a") as f:
+        f.write(json.dumps({**row, "units": rep["units"]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
