@@ -163,10 +163,10 @@ def main() -> None:
         builders[name] = build
     # fine-tuning rows (TASKQ and the baselines through the same code; the ablations switch one part off)
     finetunes = [("taskq", {}), ("taskq", {"sparse": False}), ("taskq", {"dtr": False}), ("taskq", {"stahq": False}),
-                 ("taskq", {"lr_bias": 0.0}), ("block-mse", {}), ("qdrop", {})]
+                 ("block-mse", {}), ("qdrop", {})]
     for w, a in ((4, 8), (4, 4)):
         for method, off in finetunes:
-            name = f"yoloq W{w}A{a} finetune {method}" + "".join(f" -{k.split('_')[-1]}" for k in off)
+            name = f"yoloq W{w}A{a} finetune {method}" + "".join(f" -{k}" for k in off)
             cfg = TaskQConfig.preset(method, **off, **({"iters": args.iters} if args.iters else {}))
 
             def build(p, w=w, a=a, cfg=cfg, name=name):

@@ -3,7 +3,7 @@
 Fine-tunes on the first --images images of --data, exports QDQ ONNX, and reports ONNX Runtime fidelity against FP32
 on the remaining images (held out) and on all of them; appends one JSON line to --log. For comparing settings:
 
-    python scripts/tune_taskq.py --bits 4/4 --set iters=300 --set sparse=false --set lr_bias=0
+    python scripts/tune_taskq.py --bits 4/4 --set iters=300 --set sparse=false --set dtr=false
 """
 
 from __future__ import annotations

@@ -45,8 +45,7 @@ def test_version_3_checkpoint_loads_with_a_grid_per_concat_input(images_dir, tmp
     and consumer ranges differ, and a tied model would keep only one of them)."""
     from yoloq.recipe import Recipe
 
-    qm = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=64,
-                                                             share_concat_grids=False))
+    qm = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=64))
     api.save(qm, tmp_path / "untied.qpt")
     payload = torch.load(tmp_path / "untied.qpt", weights_only=True)
     payload["version"] = 3
@@ -59,7 +58,8 @@ def test_version_3_checkpoint_loads_with_a_grid_per_concat_input(images_dir, tmp
     assert float(c2f.cv1.output_quantizer.scale) == float(qm.model.model[2].cv1.output_quantizer.scale)
     assert float(c2f.cv1.output_quantizer.scale) != float(c2f.cv2.input_quantizer.scale)
     # and a version-4 W4A4 checkpoint comes back tied, with the calibrated shared range
-    tied = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=64))
+    tied = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=64,
+                                                                share_concat_grids=True))
     api.save(tied, tmp_path / "tied.qpt")
     c2f = api.load_quantized(tmp_path / "tied.qpt").model.model[2]
     assert c2f.cv1.output_quantizer is c2f.cv2.input_quantizer

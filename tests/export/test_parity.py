@@ -126,7 +126,7 @@ def test_head_conv_outputs_agree_within_one_step(fam, level, qckpts, images_dir,
 def test_w4a4_with_shared_concat_grids_agrees_and_keeps_concats_int8(level, images_dir, tmp_path):
     from yoloq.recipe import Recipe
 
-    qm = api.calibrate("yolo11n.yaml", str(images_dir), Recipe(4, 4, "mse", images=4, imgsz=IMGSZ))
+    qm = api.calibrate("yolo11n.yaml", str(images_dir), Recipe(4, 4, "mse", images=4, imgsz=IMGSZ, share_concat_grids=True))
     assert sum(q.shared for _, q in iter_quantizers(qm.model)) >= 8
     assert _head_agreement(qm, level, images_dir, tmp_path) >= 0.99
     # a shared quantizer's consumer gets no Clip (its inputs already lie on the grid), so ORT runs the Concat in int8

@@ -58,12 +58,12 @@ def _concat_groups(m):
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_concat_inputs_are_quantized_once_on_the_consumer_grid_below_8_bits(fam):
-    groups = _concat_groups(_quantized(fam, weight_bits=4, act_bits=4))
+    groups = _concat_groups(_quantized(fam, weight_bits=4, act_bits=4, share_concat_grids=True))
     assert len(groups) >= 8
     for consumer, producers in groups:
         assert consumer.shared and all(p is consumer for p in producers)
-    # 8-bit activations, or the switch off (as in checkpoints before version 4): a grid per tensor
-    for kw in ({"weight_bits": 4, "act_bits": 8}, {"weight_bits": 4, "act_bits": 4, "share_concat_grids": False}):
+    # 8-bit activations, or the switch off (the default, and checkpoints before version 4): a grid per tensor
+    for kw in ({"weight_bits": 4, "act_bits": 8, "share_concat_grids": True}, {"weight_bits": 4, "act_bits": 4}):
         for consumer, producers in _concat_groups(_quantized(fam, **kw)):
             assert not consumer.shared and all(p is not consumer for p in producers)
 

@@ -59,7 +59,7 @@ class Placement:
     keep_first_last_8bit: bool = True
     quantize_gate: bool = True
     weight_reduce_range: bool = True  # 8-bit weight codes in [-64, 64] (see QSpec.reduce_range)
-    share_concat_grids: bool = True  # below 8 bits, a module's inner Concat inputs use the grid of the conv they feed
+    share_concat_grids: bool = False  # below 8 bits, a module's inner Concat inputs use the grid of the conv they feed
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
