@@ -205,7 +205,8 @@ class QConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
-            if self.input_quantizer.shared:  # every input was quantized by this quantizer already: no Clip
+            if self.input_quantizer.shared and self.input_quantizer.export_mode is not None:
+                # every input was quantized by this quantizer already: no Clip (read only by the export)
                 self.input_quantizer.input_max = self.input_quantizer.real_range()[1]
             x = self.input_quantizer(x)
         c = self.conv
