@@ -9,6 +9,7 @@ on the remaining images (held out) and on all of them; appends one JSON line to 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -60,7 +61,9 @@ def main() -> None:
     qm, rep = api.finetune(model, ds, cfg, None, w, a, args.images, args.imgsz)
     row = {"bits": args.bits, "method": args.method, "set": over, "seconds": round(time.perf_counter() - t, 1),
            "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]]}
-    path = out / f"W{w}A{a}-{args.method}-{abs(hash(json.dumps(over, sort_keys=True))) % 10**8}.onnx"
+    # named by the settings (str hash() changes per process, so a digest)
+    tag = hashlib.sha256(json.dumps(over, sort_keys=True).encode()).hexdigest()[:8]
+    path = out / f"W{w}A{a}-{args.method}-{tag}.onnx"
     api.export(qm, path)
     for tag, d in (("held_out", held), ("all", ds)):
         ref = reference_detections(OrtPredictor(fp32, threads=2), d)
