@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from yoloq.core.functional import fake_quantize
-from yoloq.core.modules import GATE_SPEC, QConv2d, QuantizedOutput, iter_quantizers
+from yoloq.core.modules import GATE_SPEC, QConv2d, QuantizedOutput, iter_quantizers, wire_input_grids
 from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
 
 
@@ -155,6 +155,88 @@ def test_fit_bias_without_bias_is_noop():
     before = m.weight_quantizer.scale.detach().clone()
     m.fit_bias_to_int32()
     assert torch.equal(m.weight_quantizer.scale, before)
+
+
+# ---- bias on the int32 grid ----------------------------------------------------------------------------------------
+def _biased_qconv(seed: int = 0) -> QConv2d:
+    conv = _conv(seed)
+    with torch.no_grad():
+        conv.bias.copy_(torch.randn(conv.out_channels, generator=_gen(seed + 100)) * 0.3)
+    m = QConv2d(conv, nn.SiLU(), weight_bits=4, act_bits=4, input_bits=8)
+    _calibrate(m, _batches())
+    return m
+
+
+def test_bias_rounded_to_input_step_times_weight_step():
+    m = _biased_qconv()
+    step = m.input_quantizer.scale * m.weight_quantizer.scale
+    b_q = m.quantized_bias()
+    codes = b_q / step
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # integers, in units of s_in * s_w
+    assert (b_q - m.conv.bias).abs().max() <= step.max() / 2 * 1.0001
+    assert not torch.equal(b_q, m.conv.bias)  # a random bias is not on the grid already
+    # the layer uses it: its output equals a float conv with the rounded bias
+    x = _batches(1, seed=5)[0]
+    ref_conv = nn.Conv2d(3, 8, 3, padding=1)
+    ref_conv.weight.data, ref_conv.bias.data = m.quantized_weight().detach(), b_q.detach()
+    acc = m.acc_quantizer(ref_conv(m.input_quantizer(x)))
+    ref = m.output_quantizer(acc * m.gate_quantizer(torch.sigmoid(acc)))
+    assert torch.allclose(m(x), ref, atol=1e-6)
+
+
+def test_bias_rounding_passes_the_gradient_straight_through():
+    m = _biased_qconv()
+    m.conv.bias.requires_grad_(True)
+    (m.quantized_bias() * torch.arange(8.0)).sum().backward()
+    assert torch.allclose(m.conv.bias.grad, torch.arange(8.0))
+
+
+def test_bias_stays_float_without_a_quantized_input_or_weights():
+    m = _biased_qconv()
+    m.input_quantizer.enabled = False  # the input is float: ORT keeps this conv float too
+    assert torch.equal(m.quantized_bias(), m.conv.bias)
+    m.input_quantizer.enabled, m.weight_quantizer.enabled = True, False
+    assert torch.equal(m.quantized_bias(), m.conv.bias)
+    no_input = QConv2d(_conv(), nn.SiLU(), weight_bits=4, act_bits=4)  # no input quantizer and not wired
+    _calibrate(no_input, _batches())
+    assert torch.equal(no_input.quantized_bias(), no_input.conv.bias)
+
+
+class _Chain(nn.Module):
+    """a -> chunk -> b; a -> maxpool -> c; cat(b, c) -> QuantizedOutput -> d: the moves a conv's input goes through."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = QConv2d(nn.Conv2d(3, 8, 1), nn.SiLU(), 4, 4, input_bits=8)
+        self.b = QConv2d(nn.Conv2d(4, 4, 1), nn.SiLU(), 4, 4)
+        self.c = QConv2d(nn.Conv2d(8, 4, 1), nn.SiLU(), 4, 4)
+        self.cat = QuantizedOutput(_Cat(), 4)
+        self.d = QConv2d(nn.Conv2d(8, 4, 1), None, 4, 4)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a.chunk(2, 1)[1])
+        c = self.c(self.pool(a))
+        return self.d(self.cat([b, c]))
+
+
+class _Cat(nn.Module):
+    def forward(self, xs):
+        return torch.cat(xs, 1)
+
+
+def test_wire_input_grids_follows_views_pools_and_wrapped_outputs():
+    torch.manual_seed(0)
+    m = _Chain()
+    assert wire_input_grids(m, torch.rand(1, 3, 6, 6)) == 3
+    assert m.a.input_source is None  # has an input quantizer of its own
+    assert m.b.input_source == (m.a, "output_quantizer")
+    assert m.c.input_source == (m.a, "output_quantizer")
+    assert m.d.input_source == (m.cat, "output_quantizer")
+    assert m.d.input_grid() is m.cat.output_quantizer
+    m.cat.output_quantizer = FakeQuantizer(m.cat.output_quantizer.spec)  # replaced later (sparse, shared grids)
+    assert m.d.input_grid() is m.cat.output_quantizer
 
 
 # ---- QuantizedOutput ------------------------------------------------------------------------------------------------

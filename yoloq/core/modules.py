@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloq.core.adaround import AdaRound
-from yoloq.core.functional import scale_grad, silu_inverse
+from yoloq.core.functional import round_ste, scale_grad, silu_inverse
 from yoloq.core.qspec import QSpec, activation_spec, weight_spec
 from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
 
@@ -51,6 +51,24 @@ class WeightConst(torch.autograd.Function):
         z = g.op("Constant", value_t=torch.zeros(scale.shape[0], dtype=torch.int8))
         s = g.op("Constant", value_t=torch.from_numpy(scale))
         return g.op("DequantizeLinear", w, s, z, axis_i=0)
+
+
+class BiasConst(torch.autograd.Function):
+    """Passes the grid-rounded bias through. In ONNX, for "qdq": int32 codes and a per-channel DequantizeLinear with
+    step (input step x weight step), the bias QLinearConv adds to its int32 accumulator; for "fake": the floats."""
+
+    @staticmethod
+    def forward(ctx, b_q, codes, step, mode: str):  # noqa: ARG004
+        return b_q
+
+    @staticmethod
+    def symbolic(g, b_q, codes, step, mode: str):  # noqa: ARG004
+        if mode == "fake":
+            return g.op("Constant", value_t=torch.from_numpy((codes.astype(np.float64) * step).astype(np.float32)))
+        b = g.op("Constant", value_t=torch.from_numpy(codes))
+        z = g.op("Constant", value_t=torch.zeros(step.shape[0], dtype=torch.int32))
+        s = g.op("Constant", value_t=torch.from_numpy(step))
+        return g.op("DequantizeLinear", b, s, z, axis_i=0)
 
 
 class QConv2d(nn.Module):
@@ -87,6 +105,9 @@ class QConv2d(nn.Module):
         # act_bits=None: the output stays float (the head's last convs, whose outputs go straight to the decode)
         self.output_quantizer = FakeQuantizer(activation_spec(act_bits), observer=observer) if act_bits else None
         self.rounding: AdaRound | None = None  # learned rounding, only while fine-tuning (see start_rounding)
+        # (module, attribute) holding the quantizer that makes this conv's input, when it has no input quantizer of
+        # its own (set by wire_input_grids; a plain tuple, so the quantizer is not registered here a second time)
+        self.input_source: tuple[nn.Module, str] | None = None
 
     def quantizers(self) -> dict[str, FakeQuantizer]:
         names = ("input_quantizer", "weight_quantizer", "acc_quantizer", "gate_quantizer", "output_quantizer")
@@ -203,6 +224,31 @@ class QConv2d(nn.Module):
             w = WeightConst.apply(w, codes, scale, wq.export_mode)
         return w
 
+    def input_grid(self) -> FakeQuantizer | None:
+        """The per-tensor quantizer whose grid this conv's input lies on, or None (float input, sparse producer)."""
+        q = self.input_quantizer
+        if q is None and self.input_source is not None:
+            q = getattr(*self.input_source, None)
+        return q if isinstance(q, FakeQuantizer) and not q.spec.per_channel else None
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias on ORT's int32 grid: b_q = round(b / (s_in * s_w)) * s_in * s_w.
+
+        Wherever a conv's input and weights come from DequantizeLinear, ORT stores its bias as int32 codes in units of
+        s_in * s_w (it rounds a float bias itself, in its BiasQuantization pass), so the fake-quant model rounds it
+        the same way; the gradient passes straight through (bias learning). Left float where ORT leaves it float.
+        """
+        b, wq, q = self.conv.bias, self.weight_quantizer, self.input_grid()
+        if b is None or q is None or not _quantizing(wq) or not _quantizing(q):
+            return b
+        step = (q._step().detach().float() * wq._step().detach().float()).reshape(b.shape)
+        codes = torch.clamp(round_ste(b / step), -(2**31), 2**31 - 1)
+        b_q = codes * step
+        if wq.export_mode is not None:
+            b_q = BiasConst.apply(b_q, codes.detach().cpu().numpy().astype(np.int32),
+                                  step.cpu().numpy().astype(np.float32), wq.export_mode)
+        return b_q
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             if self.input_quantizer.shared and self.input_quantizer.export_mode is not None:
@@ -210,7 +256,7 @@ class QConv2d(nn.Module):
                 self.input_quantizer.input_max = self.input_quantizer.real_range()[1]
             x = self.input_quantizer(x)
         c = self.conv
-        y = F.conv2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
+        y = F.conv2d(x, self.quantized_weight(), self.quantized_bias(), c.stride, c.padding, c.dilation, c.groups)
         if self.act is None:
             return self.output_quantizer(y) if self.output_quantizer is not None else y
         y = self.acc_quantizer(y)
@@ -240,6 +286,54 @@ class QuantizedOutput(nn.Module):
     def forward(self, x):
         self.output_quantizer.input_max = None  # unbounded (a shared quantizer may hold another producer's bound)
         return self.output_quantizer(self.module(x))
+
+
+def _quantizing(q: FakeQuantizer) -> bool:
+    return q.enabled and bool(q.calibrated) and not q.observing
+
+
+@torch.no_grad()
+def wire_input_grids(model: nn.Module, example: torch.Tensor) -> int:
+    """Point every QConv2d without an input quantizer of its own at the output quantizer that makes its input.
+
+    A conv's input comes from an earlier module's output quantizer, often through ops that only move values (chunk,
+    split, max-pool, nearest upsample, reshape), so it is found from one forward pass on `example` rather than from
+    each architecture's wiring: the source is the most recent output quantizer whose output shares the input's
+    storage (a view), else the most recent one whose output holds every value of the input. Quantizers must still
+    be uncalibrated (they pass values through unchanged, so values can be traced). Returns the number of convs wired.
+    """
+    owners = {}
+    for m in model.modules():
+        if isinstance(m, QConv2d | QuantizedOutput) and isinstance(m.output_quantizer, nn.Module):
+            owners.setdefault(id(m.output_quantizer), (m, "output_quantizer"))
+    produced: list[tuple[torch.Tensor, tuple[nn.Module, str]]] = []
+    found: dict[QConv2d, tuple[nn.Module, str]] = {}
+
+    def record(q, _inp, out):
+        produced.append((out, owners[id(q)]))
+
+    def match(conv, inp):
+        x = inp[0]
+        if conv.input_quantizer is not None or not produced:
+            return
+        ptr = x.untyped_storage().data_ptr()
+        src = next((o for t, o in reversed(produced) if t.untyped_storage().data_ptr() == ptr), None)
+        if src is None:
+            values = x.flatten()
+            src = next((o for t, o in reversed(produced) if bool(torch.isin(values, t.flatten()).all())), None)
+        if src is not None:
+            found[conv] = src
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if id(m) in owners]
+    hooks += [m.register_forward_pre_hook(match) for m in model.modules() if isinstance(m, QConv2d)]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for conv, src in found.items():
+        conv.input_source = src
+    return len(found)
 
 
 def iter_quantizers(model: nn.Module):

@@ -28,7 +28,7 @@ os.environ.setdefault("YOLO_VERBOSE", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from yoloq.core.modules import QConv2d, QuantizedOutput  # noqa: E402
+from yoloq.core.modules import QConv2d, QuantizedOutput, wire_input_grids  # noqa: E402
 from yoloq.core.quantizer import FakeQuantizer  # noqa: E402
 from yoloq.errors import YoloqError  # noqa: E402
 
@@ -47,6 +47,7 @@ from ultralytics.nn.modules import (  # noqa: E402  (after the environment setti
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 SUPPORTED_FAMILIES = "YOLOv8, YOLO11, YOLO26"
+WIRE_IMGSZ = 64  # the tracing pass of _wire: the smallest size every stride-32 model runs at
 
 
 @dataclass
@@ -206,7 +207,18 @@ def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
                 _replace(parent, name, QuantizedOutput(child, p.act_bits, p.observer))
     if p.share_concat_grids and p.act_bits < 8:
         share_concat_grids(model)
+    _wire(model)
     return model
+
+
+def _wire(model: DetectionModel) -> None:
+    """Tell each conv which quantizer makes its input (its bias lies on that grid times its weights'; see QConv2d)."""
+    training = model.training
+    example = torch.rand(1, 3, WIRE_IMGSZ, WIRE_IMGSZ, generator=torch.Generator().manual_seed(0))
+    try:
+        wire_input_grids(model.eval(), example)
+    finally:
+        model.train(training)
 
 
 def _output_owner(m: nn.Module) -> nn.Module | None:
