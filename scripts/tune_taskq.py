@@ -45,9 +45,13 @@ def main() -> None:
 
     w, a = (int(b) for b in args.bits.split("/"))
     over = {}
+    defaults = TaskQConfig().to_dict()
     for kv in args.set:
         k, _, v = kv.partition("=")
-        over[k] = yaml.safe_load(v)
+        if k not in defaults:
+            ap.error(f"--set {k}: TaskQConfig has no such field")
+        # YAML reads 1e-3 as a string: cast to the field's type
+        over[k] = type(defaults[k])(yaml.safe_load(v))
     cfg = TaskQConfig.preset(args.method, **over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

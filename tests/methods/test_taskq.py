@@ -51,6 +51,26 @@ def test_reconstruction_lowers_the_loss_of_every_kind_of_unit(nearest_qckpt, ima
     assert qm.recipe.weight_rounding == "learned"
 
 
+def _biases(qm) -> dict[str, torch.Tensor]:
+    from yoloq.core.modules import QConv2d
+
+    return {n: m.conv.bias.detach().clone() for n, m in qm.model.named_modules()
+            if isinstance(m, QConv2d) and m.conv.bias is not None}
+
+
+def test_taskq_learns_the_biases_and_block_mse_keeps_them(nearest_qckpt, images_dir):
+    start = _biases(api.load_quantized(nearest_qckpt))
+    for method, moves in (("taskq", True), ("block-mse", False)):
+        qm, rep = _finetune(nearest_qckpt, images_dir, method=method, iters=6)
+        got = _biases(qm)
+        kept = {u["unit"] for u in rep["units"] if u["kept"]}
+        assert kept, rep["units"]
+        changed = {n for n in start if not torch.equal(start[n], got[n])}
+        assert bool(changed) is moves, (method, sorted(changed)[:5])
+        # learning stops with the unit: nothing is left requiring gradients
+        assert not any(p.requires_grad for p in qm.model.parameters())
+
+
 def test_resume_after_an_interrupt_gives_the_uninterrupted_result(nearest_qckpt, images_dir, tmp_path, monkeypatch):
     kw = {"iters": 4, "drop_prob": 0.5}  # QDrop masks too must replay exactly
     full, _ = _finetune(nearest_qckpt, images_dir, tmp_path / "full.qpt", **kw)

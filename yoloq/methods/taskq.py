@@ -60,6 +60,7 @@ class TaskQConfig:
     warmup: float = 0.2  # share of steps without the regulariser
     lr_round: float = 1e-2  # AdaRound's 1e-3 assumes ~20k steps; V must travel ~2.4 to reach h = 0 or 1
     lr_scale: float = 1e-3  # Adam step for step sizes, relative to each quantizer's initial step
+    lr_bias: float = 1e-3  # Adam step for the conv biases (0: biases fixed, as in AdaRound, BRECQ and QDrop)
     lambda_iou: float = 1.0
     lambda_cls: float = 1.0
     eval_images: int = 4  # images on which each unit's loss is reported before and after
@@ -85,9 +86,10 @@ class TaskQConfig:
 # what each baseline switches off (all share the code above)
 PRESETS: dict[str, dict] = {
     "taskq": {},
-    "block-mse": {"sparse": False, "dtr": False, "stahq": False},
-    "qdrop": {"sparse": False, "dtr": False, "stahq": False, "drop_prob": 0.5},
-    "adaround": {"sparse": False, "dtr": False, "stahq": False, "layer_wise": True, "learn_steps": False},
+    "block-mse": {"sparse": False, "dtr": False, "stahq": False, "lr_bias": 0.0},
+    "qdrop": {"sparse": False, "dtr": False, "stahq": False, "drop_prob": 0.5, "lr_bias": 0.0},
+    "adaround": {"sparse": False, "dtr": False, "stahq": False, "layer_wise": True, "learn_steps": False,
+                 "lr_bias": 0.0},
 }
 
 
@@ -216,6 +218,11 @@ class UnitTrainer:
             for q in self.act_quantizers + [m.weight_quantizer for m in self.convs]:
                 q.learn(True)
                 groups.append({"params": [q.scale], "lr": self.cfg.lr_scale * float(q.scale.detach().mean())})
+        if self.cfg.lr_bias > 0:
+            biases = [m.conv.bias for m in self.convs if m.conv.bias is not None]
+            for b in biases:
+                b.requires_grad_(True)
+            groups.append({"params": biases, "lr": self.cfg.lr_bias})
         for q in self.act_quantizers:
             q.drop_prob = self.cfg.drop_prob
         return groups
@@ -227,6 +234,8 @@ class UnitTrainer:
         for m in self.convs:
             m.bake_rounding()
             m.bound_accumulator()
+            if m.conv.bias is not None:
+                m.conv.bias.requires_grad_(False)
 
     def train(self, ins_q, ins_fp, seed: int, on_step=None) -> dict:
         from yoloq.core.adaround import BetaSchedule
