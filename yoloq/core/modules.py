@@ -33,42 +33,25 @@ from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
 GATE_SPEC = QSpec(bits=8, signed=False, symmetric=False)
 
 
-class WeightConst(torch.autograd.Function):
-    """Passes the fake-quantized weight through. In ONNX the weight is a constant: for "qdq" int8 codes and a
-    per-channel DequantizeLinear (ORT folds these into QLinearConv), for "fake" the dequantized float values."""
+class CodesConst(torch.autograd.Function):
+    """Passes a fake-quantized constant (a weight, a bias) through. In ONNX it is a constant: for "qdq" its integer
+    codes (int8 weights, int32 biases in units of input step x weight step) and a per-channel DequantizeLinear, which
+    ORT folds into QLinearConv; for "fake" the dequantized float values."""
 
     @staticmethod
-    def forward(ctx, w_fq, codes, scale, mode: str):  # noqa: ARG004
-        return w_fq
+    def forward(ctx, t_fq, codes, scale, mode: str):  # noqa: ARG004
+        return t_fq
 
     @staticmethod
-    def symbolic(g, w_fq, codes, scale, mode: str):  # noqa: ARG004
+    def symbolic(g, t_fq, codes, scale, mode: str):  # noqa: ARG004
         # codes/scale arrive as numpy arrays (non-tensor arguments), so they become constants, not graph inputs
         if mode == "fake":
             shape = (-1,) + (1,) * (codes.ndim - 1)
             return g.op("Constant", value_t=torch.from_numpy(codes.astype(np.float32) * scale.reshape(shape)))
-        w = g.op("Constant", value_t=torch.from_numpy(codes))
-        z = g.op("Constant", value_t=torch.zeros(scale.shape[0], dtype=torch.int8))
+        c = g.op("Constant", value_t=torch.from_numpy(codes))
+        z = g.op("Constant", value_t=torch.zeros(scale.shape[0], dtype=torch.from_numpy(codes).dtype))
         s = g.op("Constant", value_t=torch.from_numpy(scale))
-        return g.op("DequantizeLinear", w, s, z, axis_i=0)
-
-
-class BiasConst(torch.autograd.Function):
-    """Passes the grid-rounded bias through. In ONNX, for "qdq": int32 codes and a per-channel DequantizeLinear with
-    step (input step x weight step), the bias QLinearConv adds to its int32 accumulator; for "fake": the floats."""
-
-    @staticmethod
-    def forward(ctx, b_q, codes, step, mode: str):  # noqa: ARG004
-        return b_q
-
-    @staticmethod
-    def symbolic(g, b_q, codes, step, mode: str):  # noqa: ARG004
-        if mode == "fake":
-            return g.op("Constant", value_t=torch.from_numpy((codes.astype(np.float64) * step).astype(np.float32)))
-        b = g.op("Constant", value_t=torch.from_numpy(codes))
-        z = g.op("Constant", value_t=torch.zeros(step.shape[0], dtype=torch.int32))
-        s = g.op("Constant", value_t=torch.from_numpy(step))
-        return g.op("DequantizeLinear", b, s, z, axis_i=0)
+        return g.op("DequantizeLinear", c, s, z, axis_i=0)
 
 
 class QConv2d(nn.Module):
@@ -221,7 +204,7 @@ class QConv2d(nn.Module):
         if wq.export_mode is not None and wq.enabled and bool(wq.calibrated):
             codes = wq.int_repr(self.conv.weight.detach()).cpu().numpy()
             scale = wq.scale.detach().cpu().numpy().astype(np.float32)
-            w = WeightConst.apply(w, codes, scale, wq.export_mode)
+            w = CodesConst.apply(w, codes, scale, wq.export_mode)
         return w
 
     def input_grid(self) -> FakeQuantizer | None:
@@ -245,8 +228,8 @@ class QConv2d(nn.Module):
         codes = torch.clamp(round_ste(b / step), -(2**31), 2**31 - 1)
         b_q = codes * step
         if wq.export_mode is not None:
-            b_q = BiasConst.apply(b_q, codes.detach().cpu().numpy().astype(np.int32),
-                                  step.cpu().numpy().astype(np.float32), wq.export_mode)
+            b_q = CodesConst.apply(b_q, codes.detach().cpu().numpy().astype(np.int32),
+                                    step.cpu().numpy().astype(np.float32), wq.export_mode)
         return b_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,8 +282,9 @@ def wire_input_grids(model: nn.Module, example: torch.Tensor) -> int:
     A conv's input comes from an earlier module's output quantizer, often through ops that only move values (chunk,
     split, max-pool, nearest upsample, reshape), so it is found from one forward pass on `example` rather than from
     each architecture's wiring: the source is the most recent output quantizer whose output shares the input's
-    storage (a view), else the most recent one whose output holds every value of the input. Quantizers must still
-    be uncalibrated (they pass values through unchanged, so values can be traced). Returns the number of convs wired.
+    storage (a view), else the most recent one whose output holds every value of the input (a copy, a pooled or
+    upsampled map). Meant for freshly placed quantizers, which pass values through, so values are continuous and a
+    chance match is unlikely. Returns the number of convs wired.
     """
     owners = {}
     for m in model.modules():
