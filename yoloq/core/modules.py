@@ -291,33 +291,28 @@ def wire_input_grids(model: nn.Module, example: torch.Tensor) -> int:
         if isinstance(m, QConv2d | QuantizedOutput) and isinstance(m.output_quantizer, nn.Module):
             owners.setdefault(id(m.output_quantizer), (m, "output_quantizer"))
     produced: list[tuple[torch.Tensor, tuple[nn.Module, str]]] = []
-    found: dict[QConv2d, tuple[nn.Module, str]] = {}
 
     def record(q, _inp, out):
         produced.append((out, owners[id(q)]))
 
     def match(conv, inp):
         x = inp[0]
-        if conv.input_quantizer is not None or not produced:
-            return
         ptr = x.untyped_storage().data_ptr()
         src = next((o for t, o in reversed(produced) if t.untyped_storage().data_ptr() == ptr), None)
         if src is None:
             values = x.flatten()
             src = next((o for t, o in reversed(produced) if bool(torch.isin(values, t.flatten()).all())), None)
-        if src is not None:
-            found[conv] = src
+        conv.input_source = src
 
+    convs = [m for m in model.modules() if isinstance(m, QConv2d) and m.input_quantizer is None]
     hooks = [m.register_forward_hook(record) for m in model.modules() if id(m) in owners]
-    hooks += [m.register_forward_pre_hook(match) for m in model.modules() if isinstance(m, QConv2d)]
+    hooks += [m.register_forward_pre_hook(match) for m in convs]
     try:
         model(example)
     finally:
         for h in hooks:
             h.remove()
-    for conv, src in found.items():
-        conv.input_source = src
-    return len(found)
+    return sum(m.input_source is not None for m in convs)
 
 
 def iter_quantizers(model: nn.Module):

@@ -214,8 +214,7 @@ def quantize_model(model: DetectionModel, p: Placement) -> DetectionModel:
 def _wire(model: DetectionModel) -> None:
     """Tell each conv which quantizer makes its input (its bias lies on that grid times its weights'; see QConv2d)."""
     training = model.training
-    channels = model.yaml.get("channels", 3) if isinstance(getattr(model, "yaml", None), dict) else 3
-    example = torch.rand(1, channels, WIRE_IMGSZ, WIRE_IMGSZ, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(1, model.yaml.get("channels", 3), WIRE_IMGSZ, WIRE_IMGSZ, generator=torch.Generator().manual_seed(0))
     try:
         wire_input_grids(model.eval(), example)
     finally:
