@@ -78,7 +78,9 @@ class QConv2d(nn.Module):
         )
         # Without an activation the conv output is the tensor consumers see, so it gets the activation bits;
         # with one, the pre-activation tensor is the accumulator requantized for ORT's QLinearConv (8 bits).
-        self.acc_quantizer = FakeQuantizer(activation_spec(acc_bits), observer=observer) if self.act else None
+        # Before a SiLU, what counts is the error after it: "mse" there is judged through the SiLU (observers.py)
+        acc_observer = "silu-mse" if self.silu and observer == "mse" else observer
+        self.acc_quantizer = FakeQuantizer(activation_spec(acc_bits), observer=acc_observer) if self.act else None
         self.gate_quantizer = FakeQuantizer(GATE_SPEC) if self.silu and quantize_gate else None
         if self.gate_quantizer is not None:
             self.gate_quantizer.set_qparams(torch.tensor([1 / 255]), torch.tensor([0.0]))

@@ -11,6 +11,10 @@ Each observer needs one statistic (running min/max, or a histogram) and turns it
   ``choose_qparams`` then widens the range to hold 0 and rounds the zero point to an integer, so the realised lower
   bound is -zp * s, within half a step of -0.2785. A pre-activation or any tensor reaching below the pin is clipped
   there: the observer is meant for SiLU outputs only. Weights ignore it (weight MSE search, as for percentile).
+- ``silu-mse`` (internal: what ``mse`` means for a pre-SiLU accumulator): the range minimising the squared error
+  *after* the SiLU, E[(silu(Q(x)) - silu(x))^2]. Below about -4 the SiLU is nearly flat, so clipping the long
+  negative tail costs almost nothing there while the plain MSE search spends codes on it; on the demo YOLOv8s the
+  8-bit accumulators alone (everything else float) cost 0.05 fidelity with the plain search.
 
 >>> import torch
 >>> obs = make_observer("minmax")
@@ -29,6 +33,8 @@ from yoloq.core.functional import choose_qparams, fake_quantize
 from yoloq.core.qspec import QSpec
 
 OBSERVERS = ("minmax", "percentile", "mse", "unilateral")
+# observers the placement picks itself (not a recipe's choice)
+INTERNAL_OBSERVERS = ("silu-mse",)
 
 
 def _silu_argmin() -> float:
@@ -49,16 +55,20 @@ SILU_MIN = SILU_ARGMIN / (1 + math.exp(-SILU_ARGMIN))  # about -0.27846: no SiLU
 
 
 def histogram_sq_error(
-    centers: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec
+    centers: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, after=None
 ) -> torch.Tensor:
-    """sum_bins n * (Q(c) - c)^2 for each candidate range (lo[i], hi[i]): N times the expected squared error of
-    quantizing the histogram's values (each taken at its bin center) with that range."""
+    """sum_bins n * (f(Q(c)) - f(c))^2 for each candidate range (lo[i], hi[i]): N times the expected squared error of
+    quantizing the histogram's values (each taken at its bin center) with that range, seen through `after` (f, the
+    identity by default)."""
     scale, zp = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    target = centers if after is None else after(centers)
     errs = []
     for chunk in range(0, scale.numel(), 256):  # candidates x bins in bounded memory
         s, z = scale[chunk : chunk + 256, None], zp[chunk : chunk + 256, None]
         q = fake_quantize(centers[None], s, z, spec.qmin, spec.qmax)
-        errs.append(((q - centers[None]) ** 2 * counts[None]).sum(1))
+        if after is not None:
+            q = after(q)
+        errs.append(((q - target[None]) ** 2 * counts[None]).sum(1))
     return torch.cat(errs)
 
 
@@ -135,6 +145,8 @@ class HistogramObserver(MinMaxObserver):
             return self._percentile()
         if self.mode == "unilateral":
             return self._unilateral(spec)
+        if self.mode == "silu-mse":
+            return self._mse(spec, torch.nn.functional.silu, steps=64)
         return self._mse(spec)
 
     def _percentile(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,10 +159,10 @@ class HistogramObserver(MinMaxObserver):
         hi = min(float(centers[min(hi_i, self.bins - 1)]), float(self.hi))
         return torch.tensor([lo]), torch.tensor([hi])
 
-    def _mse(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grid search of (lo, hi) = (r_lo * min, r_hi * max) minimising sum_bins n * (q(c) - c)^2."""
+    def _mse(self, spec: QSpec, after=None, steps: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid search of (lo, hi) = (r_lo * min, r_hi * max) minimising sum_bins n * (f(q(c)) - f(c))^2."""
         centers, counts = self.nonempty()
-        ratios = torch.linspace(0.05, 1.0, 40)
+        ratios = torch.linspace(0.05, 1.0, steps) if after is None else torch.linspace(1 / steps, 1.0, steps)
         lo0, hi0 = float(self.lo), float(self.hi)
         lo_c = (ratios * lo0) if lo0 < 0 else torch.tensor([lo0])
         hi_c = ratios * hi0 if hi0 > 0 else torch.tensor([hi0])
@@ -161,7 +173,7 @@ class HistogramObserver(MinMaxObserver):
         else:
             pairs_lo = lo_c[:, None].expand(-1, hi_c.numel()).reshape(-1)
             pairs_hi = hi_c[None, :].expand(lo_c.numel(), -1).reshape(-1)
-        best = int(torch.argmin(histogram_sq_error(centers, counts, pairs_lo, pairs_hi, spec)))
+        best = int(torch.argmin(histogram_sq_error(centers, counts, pairs_lo, pairs_hi, spec, after)))
         return pairs_lo[best].reshape(1), pairs_hi[best].reshape(1)
 
     def _unilateral(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +220,7 @@ class WeightMSEObserver(MinMaxObserver):
 
 def make_observer(name: str, spec: QSpec | None = None, weight: bool = False):
     spec = spec or QSpec()
-    if name not in OBSERVERS:
+    if name not in OBSERVERS + INTERNAL_OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; choose from {', '.join(OBSERVERS)}")
     if weight:
         # Weights are static: percentile (and the SiLU pin of unilateral) make no sense on them, so they fall back
