@@ -12,6 +12,13 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _feed(x: torch.Tensor, *observers, chunk: int = 5000) -> None:
+    """Stream x through the observers in chunks, as calibration batches would arrive."""
+    for part in x.split(chunk):
+        for obs in observers:
+            obs.update(part)
+
+
 def _qmse(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> float:
     s, z = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
     return float(((fake_quantize(x, s, z, spec.qmin, spec.qmax) - x) ** 2).mean())
@@ -106,9 +113,7 @@ def test_mse_clips_long_tail_and_beats_minmax(kind):
     mm = make_observer("minmax")
     mse = make_observer("mse")
     assert isinstance(mse, HistogramObserver)
-    for chunk in x.split(5000):
-        mm.update(chunk)
-        mse.update(chunk)
+    _feed(x, mm, mse)
     lo_m, hi_m = mm.compute(spec)
     lo, hi = mse.compute(spec)
     assert float(hi) < float(x.max())
@@ -236,9 +241,7 @@ def test_unilateral_pins_silu_minimum_and_clips_the_tail(pre):
     spec = activation_spec(4)
     obs, mm = make_observer("unilateral"), make_observer("minmax")
     assert isinstance(obs, HistogramObserver) and obs.mode == "unilateral"
-    for chunk in x.split(5000):
-        obs.update(chunk)
-        mm.update(chunk)
+    _feed(x, obs, mm)
     lo, hi = obs.compute(spec)
     assert float(lo) == pytest.approx(SILU_MIN, abs=1e-3)
     assert float(hi) < 0.8 * float(x.max())
@@ -291,9 +294,7 @@ def test_silu_mse_clips_the_flat_negative_tail():
     spec = activation_spec(8)
     plain, silu = make_observer("mse"), make_observer("silu-mse")
     assert isinstance(silu, HistogramObserver) and silu.mode == "silu-mse"
-    for chunk in a.split(6000):
-        plain.update(chunk)
-        silu.update(chunk)
+    _feed(a, plain, silu, chunk=6000)
     lo_p, hi_p = plain.compute(spec)
     lo_s, hi_s = silu.compute(spec)
     assert float(lo_p) < -25  # the plain search keeps the tail: its error is measured before the SiLU
