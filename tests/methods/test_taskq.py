@@ -170,3 +170,41 @@ def test_checkpoint_with_rounded_weights_is_refused(qckpts, images_dir):
     gptq = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=SZ))
     with pytest.raises(YoloqError, match="already rounded"):
         taskq.run(gptq, [torch.rand(1, 3, SZ, SZ)], TaskQConfig(**TINY, iters=1, sparse=False))
+
+
+def _round_a_linear_layer(round_weight: float, steps: int = 400) -> tuple[float, float, float]:
+    """AdaRound on y = x w^T with TASKQ's loss scale (summed over channels, mean over samples) and schedule:
+    the loss of the soft weights at the end, of the hard rounding written out, and of round-to-nearest."""
+    from yoloq.core.adaround import AdaRound, BetaSchedule
+
+    cfg = TaskQConfig()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g) * 0.1
+    x = torch.randn(512, 64, generator=g)
+    s = w.abs().amax(1) / 7
+    r = AdaRound(w, s, -8, 7)
+    opt = torch.optim.Adam([r.v], lr=cfg.lr_round)
+    beta = BetaSchedule(steps, cfg.warmup)
+
+    def loss_of(wq, rows=slice(None)):
+        return ((x[rows] @ (wq - w).t()) ** 2).sum(1).mean()
+
+    for t in range(steps):
+        loss = loss_of(r(s), torch.randint(0, 512, (64,), generator=g))
+        if beta(t) is not None:
+            loss = loss + round_weight * r.regularizer(beta(t))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        nearest = torch.clamp(torch.round(w / s[:, None]), -8, 7) * s[:, None]
+        return float(loss_of(r(s))), float(loss_of(r.hard_codes() * s[:, None])), float(loss_of(nearest))
+
+
+def test_default_rounding_regulariser_ends_with_the_hard_rounding_near_the_soft_one():
+    # at AdaRound's 0.01 many h are still between 0 and 1 when the rounding is made hard, and the hard loss lands far
+    # above the soft one it was trained to; the default weight pulls them to the ends first
+    soft, hard, nearest = _round_a_linear_layer(TaskQConfig().round_weight)
+    weak_soft, weak_hard, _ = _round_a_linear_layer(0.01)
+    assert hard < 1.25 * soft and weak_hard > 1.4 * weak_soft
+    assert hard < weak_hard and hard < 0.98 * nearest

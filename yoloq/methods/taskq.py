@@ -56,7 +56,8 @@ class TaskQConfig:
     layer_wise: bool = False  # one conv at a time (AdaRound) instead of blocks
     learn_steps: bool = True  # learn weight and activation step sizes (LSQ) with the rounding
     drop_prob: float = 0.0  # QDrop
-    round_weight: float = 0.01  # lambda of the rounding regulariser
+    # lambda of the rounding regulariser; at AdaRound's 0.01 the hard rounding ended far from the soft one here
+    round_weight: float = 1.0
     warmup: float = 0.2  # share of steps without the regulariser
     lr_round: float = 1e-2  # AdaRound's 1e-3 assumes ~20k steps; V must travel ~2.4 to reach h = 0 or 1
     lr_scale: float = 1e-3  # Adam step for step sizes, relative to each quantizer's initial step
