@@ -196,13 +196,19 @@ def main() -> None:
     ref = reference_detections(OrtPredictor(fp32, threads=2), ev)
     # the evaluation images no row calibrated or fine-tuned on (when they come from the calibration folder)
     seen = {str(p) for p in calib.images}
-    held = Dataset([p for p in ev.images if str(p) not in seen], None, ev.names, ev.source)
-    ref_held = reference_detections(OrtPredictor(fp32, threads=2), held) if held.images else None
+    keep = [i for i, p in enumerate(ev.images) if str(p) not in seen]
+    held = Dataset([ev.images[i] for i in keep], None, ev.names, ev.source)
+    ref_held = {**ref, "dets": [ref["dets"][i] for i in keep]}  # the same reference detections, not a second run
     for name, p in paths.items():
-        r = evaluate(OrtPredictor(p, threads=2), ev, ref) if name != "FP32" else {"fidelity": 1.0, "fidelity_ci": [1.0, 1.0]}
-        rows.setdefault(name, {}).update(fidelity=r["fidelity"], fidelity_ci=r["fidelity_ci"], mb=p.stat().st_size / 1e6)
-        if ref_held is not None and name != "FP32":
-            rows[name]["fidelity_held_out"] = evaluate(OrtPredictor(p, threads=2), held, ref_held, bootstrap=0)["fidelity"]
+        rows.setdefault(name, {})["mb"] = p.stat().st_size / 1e6
+        if name == "FP32":
+            rows[name].update(fidelity=1.0, fidelity_ci=[1.0, 1.0])
+            continue
+        pred = OrtPredictor(p, threads=2)
+        r = evaluate(pred, ev, ref)
+        rows[name].update(fidelity=r["fidelity"], fidelity_ci=r["fidelity_ci"])
+        if keep:
+            rows[name]["fidelity_held_out"] = evaluate(pred, held, ref_held, bootstrap=0)["fidelity"]
     ms = time_models(paths, arrays)
     for name in paths:
         rows[name]["ms"] = ms[name]

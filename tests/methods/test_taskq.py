@@ -176,6 +176,7 @@ def _round_a_linear_layer(round_weight: float, steps: int = 400) -> tuple[float,
     """AdaRound on y = x w^T with TASKQ's loss scale (summed over channels, mean over samples) and schedule:
     the loss of the soft weights at the end, of the hard rounding written out, and of round-to-nearest."""
     from yoloq.core.adaround import AdaRound, BetaSchedule
+    from yoloq.core.functional import fake_quantize
 
     cfg = TaskQConfig()
     g = torch.Generator().manual_seed(0)
@@ -197,7 +198,7 @@ def _round_a_linear_layer(round_weight: float, steps: int = 400) -> tuple[float,
         loss.backward()
         opt.step()
     with torch.no_grad():
-        nearest = torch.clamp(torch.round(w / s[:, None]), -8, 7) * s[:, None]
+        nearest = fake_quantize(w, s[:, None], torch.zeros(()), -8, 7)
         return float(loss_of(r(s))), float(loss_of(r.hard_codes() * s[:, None])), float(loss_of(nearest))
 
 
