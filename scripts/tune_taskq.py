@@ -35,6 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(SHARED))
     ap.add_argument("--images", type=int, default=32, help="fine-tuning images (the first N); the rest are held out")
+    ap.add_argument("--held-out-from", type=int, default=None, metavar="K",
+                    help="score held out on images K.. (default: --images); to compare runs with different --images")
     ap.add_argument("--bits", default="4/4", help="W/A, e.g. 4/8")
     ap.add_argument("--method", default="taskq")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TaskQConfig override (YAML value)")
@@ -57,13 +59,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = str(demo_model_path())
     ds = resolve_data(args.data)
-    if len(ds.images) <= args.images:
-        ap.error(f"--data has {len(ds.images)} images: nothing left to hold out after --images {args.images}")
-    held = Dataset(ds.images[args.images:], None, ds.names, ds.source)
+    start = args.images if args.held_out_from is None else args.held_out_from
+    if start < args.images or len(ds.images) <= start:
+        ap.error(f"--data has {len(ds.images)} images: held-out images must start at or after --images "
+                 f"({args.images}) and leave some ({start})")
+    held = Dataset(ds.images[start:], None, ds.names, ds.source)
     fp32 = export_float_onnx(model, out / "fp32.onnx", args.imgsz)
     t = time.perf_counter()
     qm, rep = api.finetune(model, ds, cfg, None, w, a, args.images, args.imgsz)
-    row = {"bits": args.bits, "method": args.method, "set": over, "seconds": round(time.perf_counter() - t, 1),
+    row = {"bits": args.bits, "method": args.method, "set": over, "images": args.images, "held_out_from": start, "seconds": round(time.perf_counter() - t, 1),
            "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]]}
     # named by the settings (str hash() changes per process, so a digest)
     tag = hashlib.sha256(json.dumps(over, sort_keys=True).encode()).hexdigest()[:8]

@@ -11,6 +11,7 @@ from yoloq.core.functional import (
     lsq_fake_quantize,
     quantize,
     round_ste,
+    scale_grad,
 )
 
 T = torch.tensor
@@ -188,3 +189,44 @@ def test_lsq_forward_matches_and_scale_gets_gradient():
     scale2 = scale0.clone().requires_grad_(True)
     ((fake_quantize(x, scale2, zp, 0, 15) - x) ** 2).sum().backward()
     assert torch.allclose(scale.grad, scale2.grad * grad_scale, rtol=1e-4, atol=1e-8)
+
+
+def _fake_quantize_op_by_op(x, scale, zp, qmin, qmax, grad_scale):
+    """The same maths as separate differentiable ops: what _FakeQuantize's hand-written backward must equal."""
+    s = scale_grad(scale, grad_scale)
+    v = round_ste(x / s) + zp
+    inside = (v > qmin) & (v < qmax)
+    return (torch.where(inside, v, v.detach().clamp(qmin, qmax)) - zp) * s
+
+
+@pytest.mark.parametrize(("x_shape", "s_shape", "dtype"), [
+    ((4, 8, 5, 5), (), torch.float32),  # per tensor
+    ((4, 8, 5, 5), (1, 8, 1, 1), torch.float32),  # activation per channel
+    ((8, 3, 3, 3), (8, 1, 1, 1), torch.float32),  # weight per output channel
+    ((4, 8, 5, 5), (1, 8, 1, 1), torch.float64),  # the parity test's float64 model, float32 steps
+])
+def test_fused_gradients_equal_the_op_by_op_ones(x_shape, s_shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(x_shape, generator=g, dtype=dtype)).requires_grad_(True)
+    scale = (0.1 + 0.5 * torch.rand(s_shape, generator=g)).requires_grad_(True)
+    zp, up = torch.full(s_shape, 2.0), torch.randn(x_shape, generator=g, dtype=dtype)
+    got = []
+    for fn in (_fake_quantize_op_by_op, lsq_fake_quantize):
+        x.grad = scale.grad = None
+        y = fn(x, scale, zp, 0, 15, 0.1)
+        y.backward(up)
+        got.append((y.detach(), x.grad.clone(), scale.grad.clone()))
+    (y0, gx0, gs0), (y1, gx1, gs1) = got
+    assert torch.allclose(y1, y0, atol=1e-6)
+    assert torch.allclose(gx1, gx0, atol=1e-6)
+    assert gs1.shape == scale.shape and gs1.dtype == scale.dtype
+    assert torch.allclose(gs1, gs0, rtol=1e-5, atol=1e-5)
+    assert (x.grad == 0).any() and (x.grad != 0).any()  # both clipped and inside values were exercised
+
+
+def test_without_gradients_fake_quantize_takes_the_plain_path():
+    x, scale = torch.randn(16, requires_grad=True), T([0.25])
+    with torch.no_grad():
+        y = fake_quantize(x, scale, T([3.0]), 0, 15)
+    assert y.grad_fn is None
+    assert torch.equal(y, (torch.clamp(torch.round(x.detach() / 0.25) + 3, 0, 15) - 3) * 0.25)
