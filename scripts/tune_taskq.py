@@ -67,8 +67,8 @@ def main() -> None:
     fp32 = export_float_onnx(model, out / "fp32.onnx", args.imgsz)
     t = time.perf_counter()
     qm, rep = api.finetune(model, ds, cfg, None, w, a, args.images, args.imgsz)
-    row = {"bits": args.bits, "method": args.method, "set": over, "images": args.images, "held_out_from": start, "seconds": round(time.perf_counter() - t, 1),
-           "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]]}
+    row = {"bits": args.bits, "method": args.method, "set": over, "images": args.images, "held_out_from": start,
+           "seconds": round(time.perf_counter() - t, 1), "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]]}
     # named by the settings (str hash() changes per process, so a digest)
     tag = hashlib.sha256(json.dumps(over, sort_keys=True).encode()).hexdigest()[:8]
     path = out / f"W{w}A{a}-{args.method}-{tag}.onnx"
