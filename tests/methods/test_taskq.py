@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from yoloq import api
+from yoloq.errors import YoloqError
 from yoloq.methods import taskq
 from yoloq.methods.taskq import TaskQConfig
 from yoloq.recipe import Recipe
@@ -49,6 +50,18 @@ def test_reconstruction_lowers_the_loss_of_every_kind_of_unit(nearest_qckpt, ima
             codes = m.conv.weight / m.weight_quantizer.scale.view(-1, 1, 1, 1)
             assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert qm.recipe.weight_rounding == "learned"
+
+
+def test_units_are_judged_on_the_images_they_did_not_train_on(nearest_qckpt, images_dir):
+    cfg = TaskQConfig.preset("taskq", **{**TINY, "sparse": False, "iters": 6, "val_images": 1})
+    _, rep = api.finetune(str(nearest_qckpt), str(images_dir), cfg, images=3)
+    for u in rep["units"]:
+        # judged on the held-back image, and the training images' loss reported beside it
+        assert u["loss_before"] != u["train_loss_before"], u
+        assert u["kept"] == (u["loss_trained"] <= u["loss_before"]), u
+        assert u["loss_after"] == (u["loss_trained"] if u["kept"] else u["loss_before"]), u
+    with pytest.raises(YoloqError, match="val_images"):
+        api.finetune(str(nearest_qckpt), str(images_dir), TaskQConfig(val_images=2, **TINY, sparse=False), images=2)
 
 
 def _biases(qm) -> dict[str, torch.Tensor]:

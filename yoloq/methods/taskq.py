@@ -65,6 +65,9 @@ class TaskQConfig:
     lambda_iou: float = 1.0
     lambda_cls: float = 1.0
     eval_images: int = 4  # images on which each unit's loss is reported before and after
+    # the last val_images calibration images are not trained on: each unit's loss is judged on them (a unit that
+    # ends worse there is put back), so the keep-or-revert decision sees overfitting; 0: judged on training images
+    val_images: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in PRESETS:
@@ -72,6 +75,8 @@ class TaskQConfig:
         for k in ("iters", "batch", "crop", "eval_images"):
             if getattr(self, k) < 1:
                 raise YoloqError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if self.val_images < 0:
+            raise YoloqError(f"val_images must be at least 0, got {self.val_images}")
         if not 0 <= self.drop_prob < 1:
             raise YoloqError(f"drop probability must be in [0, 1), got {self.drop_prob}")
 
@@ -238,11 +243,18 @@ class UnitTrainer:
             if m.conv.bias is not None:
                 m.conv.bias.requires_grad_(False)
 
-    def train(self, ins_q, ins_fp, seed: int, on_step=None) -> dict:
+    def train(self, ins_q, ins_fp, seed: int, on_step=None, n_train: int | None = None) -> dict:
+        """Crops come from the first n_train images (all by default); the loss before and after, which decides
+        whether the unit keeps its training, is measured on the images after them when there are any."""
         from yoloq.core.adaround import BetaSchedule
 
         t0 = time.perf_counter()
-        before = self.evaluate(ins_q, ins_fp)
+        n_train = len(ins_q[0]) if n_train is None else n_train
+        held = n_train < len(ins_q[0])
+        judge_q, judge_fp = ([x[n_train:] for x in ins_q], [x[n_train:] for x in ins_fp]) if held else (ins_q, ins_fp)
+        ins_q, ins_fp = [x[:n_train] for x in ins_q], [x[:n_train] for x in ins_fp]
+        before = self.evaluate(judge_q, judge_fp)
+        train_before = self.evaluate(ins_q, ins_fp) if held else before
         start = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.q_mods]
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # QDrop masks
@@ -268,7 +280,8 @@ class UnitTrainer:
             if on_step:
                 on_step(parts)
         self.finish()
-        after = self.evaluate(ins_q, ins_fp)
+        after = trained = self.evaluate(judge_q, judge_fp)
+        extra = {"train_loss_before": train_before, "train_loss_after": self.evaluate(ins_q, ins_fp)} if held else {}
         kept = after <= before
         if not kept:  # a short schedule can end worse than it started (measured on whole maps): keep the start
             for m, sd in zip(self.q_mods, start):
@@ -277,7 +290,9 @@ class UnitTrainer:
                 for m in self.convs:
                     m.conv.weight.copy_(m.weight_quantizer(m.conv.weight))
             after = before
-        return {"loss_before": before, "loss_after": after, "kept": kept, "seconds": time.perf_counter() - t0, **parts}
+        return {"loss_before": before, "loss_after": after, "loss_trained": trained, "kept": kept,
+                "seconds": time.perf_counter() - t0,
+                **extra, **parts}
 
 
 # ---- the whole model -------------------------------------------------------------------------------------------------
@@ -315,6 +330,8 @@ def _layer_wise_parts(qlayer, fplayer, ins_q, ins_fp):
 def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, imgsz: int,
                 state: "ResumeState | None" = None) -> list[dict]:
     """Fine-tune qmodel in place, unit by unit. Returns a report per unit."""
+    if cfg.val_images >= len(images):
+        raise YoloqError(f"val_images ({cfg.val_images}) must leave some of the {len(images)} images to train on")
     units = yolo.reconstruction_units(qmodel, head_wise=cfg.stahq)
     cache = FeatureCache(qmodel, fpmodel, images)
     done = state.done if state else 0
@@ -352,6 +369,7 @@ def _convs_of(qmodel, unit) -> list[QConv2d]:
 
 
 def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict:
+    n_train = len(cache.out["fp"][-1]) - cfg.val_images
     if unit.is_head:
         q_mods = [qmodel.get_submodule(p) for p in unit.paths]
         fp_mods = [fpmodel.get_submodule(p) for p in unit.paths]
@@ -368,10 +386,10 @@ def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict
         for b, (qm, fm, iq, ifp) in enumerate(zip(q_mods, fp_mods, ins_q, ins_fp)):
             for n, (_, qc, fc, iq2, ifp2) in enumerate(_layer_wise_parts(qm, fm, [iq], [ifp])):
                 trainer = UnitTrainer(cfg, qmodel, fpmodel, None, [qc], [fc], imgsz)
-                parts.append(trainer.train(iq2, ifp2, seed * 31 + 7 * b + n, on_step))
+                parts.append(trainer.train(iq2, ifp2, seed * 31 + 7 * b + n, on_step, n_train))
         return {"unit": unit.name, "loss_before": sum(p["loss_before"] for p in parts),
                 "loss_after": sum(p["loss_after"] for p in parts), "seconds": sum(p["seconds"] for p in parts)}
-    r = UnitTrainer(cfg, qmodel, fpmodel, unit, q_mods, fp_mods, imgsz).train(ins_q, ins_fp, seed, on_step)
+    r = UnitTrainer(cfg, qmodel, fpmodel, unit, q_mods, fp_mods, imgsz).train(ins_q, ins_fp, seed, on_step, n_train)
     return {"unit": unit.name, **r}
 
 
