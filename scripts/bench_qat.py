@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="optimisation steps per row (default: QATConfig's)")
     ap.add_argument("--imgsz", type=int, default=640, help="evaluation size")
     ap.add_argument("--train-imgsz", type=int, default=320)
+    ap.add_argument("--start", default=None, metavar="QPT",
+                    help="start every row from this W4A4 checkpoint (e.g. TASKQ-finetuned) instead of calibrating one")
     ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_qat"))
     ap.add_argument("--json", default=str(ROOT / "out" / "bench_qat.json"))
@@ -63,13 +65,17 @@ def main() -> None:
     trained = {p.resolve() for p in train.images}
     rest = [p for p in ev.images if p.resolve() not in trained]
     held = Dataset(rest, None, ev.names, ev.source) if rest and len(rest) < len(ev.images) else None
-    start = out / "w4a4.qpt"
     t = time.perf_counter()
-    api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
+    if args.start:
+        start = Path(args.start)
+    else:
+        start = out / "w4a4.qpt"
+        api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
     calib_s = time.perf_counter() - t
 
-    rows = {"FP32": {}, "W4A4 PTQ (start)": {"train_s": calib_s}}
-    qckpts = {"W4A4 PTQ (start)": start}
+    first = f"W4A4 start ({start.name})" if args.start else "W4A4 PTQ (start)"
+    rows = {"FP32": {}, first: {} if args.start else {"train_s": calib_s}}
+    qckpts = {first: start}
     for name, kw in ROWS.items():
         if args.only and name not in args.only.split(","):
             continue

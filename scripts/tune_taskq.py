@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--out", default=str(ROOT / "out" / "tune"))
     ap.add_argument("--log", default=str(ROOT / "out" / "tune.jsonl"))
+    ap.add_argument("--save", default=None, metavar="QPT", help="also save the fine-tuned checkpoint (e.g. to start QAT)")
     args = ap.parse_args()
 
     w, a = (int(b) for b in args.bits.split("/"))
@@ -73,6 +74,8 @@ def main() -> None:
     tag = hashlib.sha256(json.dumps(over, sort_keys=True).encode()).hexdigest()[:8]
     path = out / f"W{w}A{a}-{args.method}-{tag}.onnx"
     api.export(qm, path)
+    if args.save:
+        api.save(qm, args.save)
     for tag, d in (("held_out", held), ("all", ds)):
         ref = reference_detections(OrtPredictor(fp32, threads=2), d)
         row[f"fidelity_{tag}"] = round(evaluate(OrtPredictor(path, threads=2), d, ref)["fidelity"], 4)
