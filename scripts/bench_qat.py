@@ -1,6 +1,7 @@
 """QAT benchmark on the demo YOLOv8s: W4A4 LSQ, LSQ+HQOD, TQT and TQT+HQOD at the same step budget, in one process.
 
-All rows start from the same calibrated W4A4 checkpoint (MSE ranges, GPTQ) and train on pseudo-labels of the float
+All rows start from the same W4A4 checkpoint (calibrated here: MSE ranges, GPTQ; or --start QPT, e.g. TASKQ-finetuned)
+and train on pseudo-labels of the float
 model (the demo model's two classes are not COCO's). Columns: fidelity (mAP50-95 against FP32's detections, 95%
 bootstrap interval) and harmony (true positives against FP32's detections: the share whose |score - IoU| < 0.1, and
 the mean of |score - IoU|), both in
@@ -65,16 +66,13 @@ def main() -> None:
     trained = {p.resolve() for p in train.images}
     rest = [p for p in ev.images if p.resolve() not in trained]
     held = Dataset(rest, None, ev.names, ev.source) if rest and len(rest) < len(ev.images) else None
-    t = time.perf_counter()
     if args.start:
-        start = Path(args.start)
+        start, first, first_row = Path(args.start), f"W4A4 start ({Path(args.start).name})", {}
     else:
-        start = out / "w4a4.qpt"
+        start, first, t = out / "w4a4.qpt", "W4A4 PTQ (start)", time.perf_counter()
         api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
-    calib_s = time.perf_counter() - t
-
-    first = f"W4A4 start ({start.name})" if args.start else "W4A4 PTQ (start)"
-    rows = {"FP32": {}, first: {} if args.start else {"train_s": calib_s}}
+        first_row = {"train_s": time.perf_counter() - t}
+    rows = {"FP32": {}, first: first_row}
     qckpts = {first: start}
     for name, kw in ROWS.items():
         if args.only and name not in args.only.split(","):

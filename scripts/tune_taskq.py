@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--out", default=str(ROOT / "out" / "tune"))
     ap.add_argument("--log", default=str(ROOT / "out" / "tune.jsonl"))
-    ap.add_argument("--save", default=None, metavar="QPT", help="also save the fine-tuned checkpoint (e.g. to start QAT)")
+    ap.add_argument("--save", default=None, metavar="QPT",
+                    help="also save the fine-tuned checkpoint (e.g. to start QAT)")
     args = ap.parse_args()
 
     w, a = (int(b) for b in args.bits.split("/"))

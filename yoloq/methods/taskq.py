@@ -291,8 +291,7 @@ class UnitTrainer:
                     m.conv.weight.copy_(m.weight_quantizer(m.conv.weight))
             after = before
         return {"loss_before": before, "loss_after": after, "loss_trained": trained, "kept": kept,
-                "seconds": time.perf_counter() - t0,
-                **extra, **parts}
+                "seconds": time.perf_counter() - t0, **extra, **parts}
 
 
 # ---- the whole model -------------------------------------------------------------------------------------------------
