@@ -84,7 +84,7 @@ def main() -> None:
                       "loss_after": rep["loss_after"]}
         qckpts[name] = out / f"{name.replace(' ', '_').replace('+', '_')}.qpt"
 
-    for size in (args.imgsz, args.train_imgsz):
+    for size in dict.fromkeys((args.imgsz, args.train_imgsz)):  # once when training at the evaluation size
         fp32 = export_float_onnx(model, out / f"fp32_{size}.onnx", size)
         ref = reference_run(OrtPredictor(fp32, threads=2), ev, 0.001)
         fid_ref = for_fidelity(ref)
@@ -128,7 +128,7 @@ def main() -> None:
         hs = f"{r['harmony']:.3f}" if r.get("harmony") is not None else "n/a"
         gap = f"{r['harmony_gap']:.3f}" if r.get("harmony_gap") is not None else "n/a"
         ho = f"{r['fidelity_heldout']:.3f}" if "fidelity_heldout" in r else "n/a"
-        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {ho} | {r[f'fidelity_{args.train_imgsz}']:.3f} | "
+        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {ho} | {r.get(f'fidelity_{args.train_imgsz}', r['fidelity']):.3f} | "
               f"{hs} | {gap} | {r['ms']:.1f} | {r['speedup']:.2f}x | {tr} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"machine": info, "imgsz": args.imgsz, "train_imgsz": args.train_imgsz,
