@@ -1,7 +1,7 @@
-"""QAT benchmark on the demo YOLOv8s: W4A4 LSQ, LSQ+HQOD, TQT and TQT+HQOD at the same step budget, in one process.
+"""QAT benchmark on the demo YOLOv8s: LSQ, LSQ+HQOD, TQT and TQT+HQOD at the same step budget, in one process.
 
-All rows start from the same W4A4 checkpoint (calibrated here: MSE ranges, GPTQ; or --start QPT, e.g. TASKQ-finetuned)
-and train on pseudo-labels of the float
+All rows start from the same checkpoint (calibrated here at W4A4: MSE ranges, GPTQ; or --start QPT, e.g.
+TASKQ-finetuned, at its own bits) and train on pseudo-labels of the float
 model (the demo model's two classes are not COCO's). Columns: fidelity (mAP50-95 against FP32's detections, 95%
 bootstrap interval) and harmony (true positives against FP32's detections: the share whose |score - IoU| < 0.1, and
 the mean of |score - IoU|), both in
@@ -35,11 +35,12 @@ from yoloq.runtime.evaluate import detect, evaluate  # noqa: E402
 from yoloq.runtime.harmony import for_fidelity, harmony, reference_run  # noqa: E402
 from yoloq.runtime.predictors import OrtPredictor  # noqa: E402
 
+# labelled with the start's bits: "W4A4 LSQ" by default, "W4A8 LSQ" from a W4A8 --start
 ROWS = {
-    "W4A4 LSQ": {"method": "lsq", "quantizer": "lsq"},
-    "W4A4 LSQ+HQOD": {"method": "hqod", "quantizer": "lsq"},
-    "W4A4 TQT": {"method": "lsq", "quantizer": "tqt"},
-    "W4A4 TQT+HQOD": {"method": "hqod", "quantizer": "tqt"},
+    "LSQ": {"method": "lsq", "quantizer": "lsq"},
+    "LSQ+HQOD": {"method": "hqod", "quantizer": "lsq"},
+    "TQT": {"method": "lsq", "quantizer": "tqt"},
+    "TQT+HQOD": {"method": "hqod", "quantizer": "tqt"},
 }
 
 
@@ -52,8 +53,10 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=640, help="evaluation size")
     ap.add_argument("--train-imgsz", type=int, default=320)
     ap.add_argument("--start", default=None, metavar="QPT",
-                    help="start every row from this W4A4 checkpoint (e.g. TASKQ-finetuned) instead of calibrating one")
-    ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+                    help="start every row from this checkpoint (e.g. TASKQ-finetuned; its bits name the rows) "
+                         "instead of calibrating a W4A4 one")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated rows, e.g. 'LSQ+HQOD' or 'W4A4 LSQ+HQOD' (default: all)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_qat"))
     ap.add_argument("--json", default=str(ROOT / "out" / "bench_qat.json"))
     args = ap.parse_args()
@@ -67,15 +70,20 @@ def main() -> None:
     rest = [p for p in ev.images if p.resolve() not in trained]
     held = Dataset(rest, None, ev.names, ev.source) if rest and len(rest) < len(ev.images) else None
     if args.start:
-        start, first, first_row = Path(args.start), f"W4A4 start ({Path(args.start).name})", {}
+        r = api.load_quantized(args.start).recipe
+        bits = f"W{r.weight_bits}A{r.act_bits}"
+        start, first, first_row = Path(args.start), f"{bits} start ({Path(args.start).name})", {}
     else:
+        bits = "W4A4"
         start, first, t = out / "w4a4.qpt", "W4A4 PTQ (start)", time.perf_counter()
         api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
         first_row = {"train_s": time.perf_counter() - t}
     rows = {"FP32": {}, first: first_row}
     qckpts = {first: start}
-    for name, kw in ROWS.items():
-        if args.only and name not in args.only.split(","):
+    only = set(args.only.split(",")) if args.only else None
+    for short, kw in ROWS.items():
+        name = f"{bits} {short}"
+        if only is not None and not only & {short, name}:
             continue
         cfg = QATConfig(pseudo_labels=True, imgsz=args.train_imgsz, **kw, **({"iters": args.iters} if args.iters else {}))
         t = time.perf_counter()
