@@ -136,7 +136,8 @@ def main() -> None:
         hs = f"{r['harmony']:.3f}" if r.get("harmony") is not None else "n/a"
         gap = f"{r['harmony_gap']:.3f}" if r.get("harmony_gap") is not None else "n/a"
         ho = f"{r['fidelity_heldout']:.3f}" if "fidelity_heldout" in r else "n/a"
-        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {ho} | {r.get(f'fidelity_{args.train_imgsz}', r['fidelity']):.3f} | "
+        at_train = r.get(f"fidelity_{args.train_imgsz}", r["fidelity"])  # the same when training at --imgsz
+        print(f"| {name} | {r['fidelity']:.3f} | {lo:.3f}-{hi:.3f} | {ho} | {at_train:.3f} | "
               f"{hs} | {gap} | {r['ms']:.1f} | {r['speedup']:.2f}x | {tr} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"machine": info, "imgsz": args.imgsz, "train_imgsz": args.train_imgsz,
