@@ -69,28 +69,30 @@ def main() -> None:
     trained = {p.resolve() for p in train.images}
     rest = [p for p in ev.images if p.resolve() not in trained]
     held = Dataset(rest, None, ev.names, ev.source) if rest and len(rest) < len(ev.images) else None
+    r = api.load_quantized(args.start).recipe if args.start else Recipe(4, 4)
+    bits = f"W{r.weight_bits}A{r.act_bits}"
+    only = set(args.only.split(",")) if args.only else set()
+    unknown = only - set(ROWS) - {f"{bits} {short}" for short in ROWS}
+    if unknown:  # before any work; a row named with other bits than the start's would otherwise be skipped silently
+        ap.error(f"--only: no row {', '.join(sorted(unknown))} from a {bits} start; rows: {', '.join(ROWS)}")
     if args.start:
-        r = api.load_quantized(args.start).recipe
-        bits = f"W{r.weight_bits}A{r.act_bits}"
         start, first, first_row = Path(args.start), f"{bits} start ({Path(args.start).name})", {}
     else:
-        bits = "W4A4"
         start, first, t = out / "w4a4.qpt", "W4A4 PTQ (start)", time.perf_counter()
         api.save(api.calibrate(model, train, Recipe(4, 4, images=args.images, imgsz=args.imgsz)), start)
         first_row = {"train_s": time.perf_counter() - t}
     rows = {"FP32": {}, first: first_row}
     qckpts = {first: start}
-    only = set(args.only.split(",")) if args.only else None
     for short, kw in ROWS.items():
         name = f"{bits} {short}"
-        if only is not None and not only & {short, name}:
+        if only and not only & {short, name}:
             continue
         cfg = QATConfig(pseudo_labels=True, imgsz=args.train_imgsz, **kw, **({"iters": args.iters} if args.iters else {}))
+        qckpts[name] = out / f"{name.replace(' ', '_').replace('+', '_')}.qpt"
         t = time.perf_counter()
-        _, rep = api.qat(str(start), train, cfg, out / f"{name.replace(' ', '_').replace('+', '_')}.qpt")
+        _, rep = api.qat(str(start), train, cfg, qckpts[name])
         rows[name] = {"train_s": time.perf_counter() - t, "steps": rep["steps"], "loss_before": rep["loss_before"],
                       "loss_after": rep["loss_after"]}
-        qckpts[name] = out / f"{name.replace(' ', '_').replace('+', '_')}.qpt"
 
     for size in dict.fromkeys((args.imgsz, args.train_imgsz)):  # once when training at the evaluation size
         fp32 = export_float_onnx(model, out / f"fp32_{size}.onnx", size)
