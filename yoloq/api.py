@@ -103,7 +103,6 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
         recipe = Recipe(weight_bits or 4, act_bits or 4, "mse", bias_correction=False, weight_rounding="nearest",
                         images=images or 32, imgsz=imgsz or 640)
     ds = ds.take(images or recipe.images)
-    cfg = cfg.for_bits(recipe.act_bits)
     state = None
     if out is not None:
         fingerprint = {"source": str(source), "source_sha256": sha256_file(source) if Path(source).is_file() else None,

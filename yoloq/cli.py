@@ -119,7 +119,7 @@ def finetune(
     method: Annotated[str, typer.Option(help=(
         "PTQ reconstruction: taskq | block-mse | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
     iters: Annotated[Optional[int], typer.Option(help=(
-        "taskq & co: optimisation steps per unit (default 1200; 2400 with 8-bit activations). hqod/lsq: optimisation steps in all (default 300)."))] = None,
+        "taskq & co: optimisation steps per unit (default 1200). hqod/lsq: optimisation steps in all (default 300)."))] = None,
     images: Annotated[Optional[int], typer.Option(help="Images to use. Default: taskq 32, hqod/lsq all.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help=(
         "Input size (multiple of 32). taskq: the model's size (default 640); hqod/lsq: the training size (default "

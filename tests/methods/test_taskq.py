@@ -177,22 +177,6 @@ def test_layer_wise_adaround_runs_one_conv_at_a_time(nearest_qckpt, images_dir):
     assert all(u["loss_after"] < u["loss_before"] for u in rep["units"][1:5])
 
 
-def test_default_iterations_follow_the_activation_bits(nearest_qckpt, images_dir, lively_model, monkeypatch):
-    assert TaskQConfig().for_bits(4).iters == taskq.DEFAULT_ITERS == 1200
-    assert TaskQConfig().for_bits(8).iters == taskq.DEFAULT_ITERS_A8 == 2400
-    assert TaskQConfig(iters=7).for_bits(8).iters == 7  # a given --iters wins
-    # the W4A4 checkpoint runs the A4 default, and the history records the steps actually taken
-    monkeypatch.setattr(taskq, "DEFAULT_ITERS", 2)
-    monkeypatch.setattr(taskq, "DEFAULT_ITERS_A8", 3)
-    cfg = TaskQConfig.preset("taskq", **{**TINY, "sparse": False})
-    qm, _ = api.finetune(str(nearest_qckpt), str(images_dir), cfg, images=2)
-    assert qm.provenance["history"][-1]["iters"] == 2
-    qm, _ = taskq.run(api.load_quantized(nearest_qckpt), [torch.rand(1, 3, SZ, SZ)], cfg)
-    assert qm.provenance["history"][-1]["iters"] == 2
-    qm, _ = api.finetune(lively_model, str(images_dir), cfg, weight_bits=4, act_bits=8, images=2, imgsz=SZ)
-    assert qm.provenance["history"][-1]["iters"] == 3
-
-
 def test_checkpoint_with_rounded_weights_is_refused(qckpts, images_dir):
     from yoloq.errors import YoloqError
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,9 +43,7 @@ STATE_FORMAT = "yoloq.finetune-state"
 @dataclass
 class TaskQConfig:
     method: str = "taskq"
-    # optimisation steps per unit; None: DEFAULT_ITERS by activation bits (for_bits). W4A4 demo YOLOv8s: about 13 of
-    # the 20 minutes allowed at 1200; W4A8 gained 0.02 held out from 2400, which A4 has no time left for
-    iters: int | None = None
+    iters: int = 1200  # optimisation steps per unit (demo YOLOv8s W4A4: about 12 of the 20 minutes allowed)
     batch: int = 4  # crops per step
     crop: int = 160  # crop side in input pixels (rounded to the largest stride)
     seed: int = 0
@@ -75,7 +73,7 @@ class TaskQConfig:
         if self.method not in PRESETS:
             raise YoloqError(f"unknown fine-tuning method {self.method!r}; choose from {', '.join(PRESETS)}")
         for k in ("iters", "batch", "crop", "eval_images"):
-            if getattr(self, k) is not None and getattr(self, k) < 1:
+            if getattr(self, k) < 1:
                 raise YoloqError(f"{k} must be at least 1, got {getattr(self, k)}")
         if self.val_images < 0:
             raise YoloqError(f"val_images must be at least 0, got {self.val_images}")
@@ -87,18 +85,8 @@ class TaskQConfig:
         """The method's switches, then the overrides (an unknown method is rejected by __post_init__)."""
         return cls(method=method, **{**PRESETS.get(method, {}), **overrides})
 
-    def for_bits(self, act_bits: int) -> "TaskQConfig":
-        """This config with `iters` filled in for the activation bits when it was left to the default."""
-        if self.iters is not None:
-            return self
-        return replace(self, iters=DEFAULT_ITERS_A8 if act_bits >= 8 else DEFAULT_ITERS)
-
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-DEFAULT_ITERS = 1200
-DEFAULT_ITERS_A8 = 2400
 
 
 # what each baseline switches off (all share the code above)
@@ -580,10 +568,6 @@ def run(qm, images: list[torch.Tensor], cfg: TaskQConfig, state: ResumeState | N
     """
     from yoloq import checkpoint
 
-    if cfg.iters is None:
-        if qm is None:
-            raise ValueError("resolve the default iterations with cfg.for_bits(act_bits) before resuming")
-        cfg = cfg.for_bits(qm.recipe.act_bits)
     if state is not None and state.load():
         p = state.payload
         qm = checkpoint.load("<fine-tuning state>", dict(p["checkpoint"]))
