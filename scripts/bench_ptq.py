@@ -171,7 +171,8 @@ def main() -> None:
 
             def build(p, w=w, a=a, cfg=cfg, name=name):
                 t = time.perf_counter()
-                qm, rep = api.finetune(model, calib, cfg, None, w, a, min(args.calib_images, 32), args.imgsz)
+                # the default number of fine-tuning images, within --calib-images
+                qm, rep = api.finetune(model, calib, cfg, None, w, a, None, args.imgsz)
                 rows[name]["calib_s"] = time.perf_counter() - t
                 rows[name]["sparse"] = [r["tensor"] for r in rep["sparse"] if r["chosen"]]
                 api.export(qm, p)

@@ -101,7 +101,7 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
         _check_recipe(source, recipe, weight_bits=weight_bits, act_bits=act_bits, imgsz=imgsz)
     else:
         recipe = Recipe(weight_bits or 4, act_bits or 4, "mse", bias_correction=False, weight_rounding="nearest",
-                        images=images or 32, imgsz=imgsz or 640)
+                        images=images or Recipe.images, imgsz=imgsz or 640)
     ds = ds.take(images or recipe.images)
     state = None
     if out is not None:

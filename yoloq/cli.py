@@ -120,7 +120,7 @@ def finetune(
         "PTQ reconstruction: taskq | block-mse | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
     iters: Annotated[Optional[int], typer.Option(help=(
         "taskq & co: optimisation steps per unit (default 1200). hqod/lsq: optimisation steps in all (default 300)."))] = None,
-    images: Annotated[Optional[int], typer.Option(help="Images to use. Default: taskq 32, hqod/lsq all.")] = None,
+    images: Annotated[Optional[int], typer.Option(help="Images to use. Default: taskq 64, hqod/lsq all.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help=(
         "Input size (multiple of 32). taskq: the model's size (default 640); hqod/lsq: the training size (default "
         "320; the checkpoint keeps 640 for export and eval)."))] = None,
