@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="training images")
     ap.add_argument("--iters", type=int, default=None, help="optimisation steps per row (default: QATConfig's)")
     ap.add_argument("--imgsz", type=int, default=640, help="evaluation size")
-    ap.add_argument("--train-imgsz", type=int, default=320)
+    ap.add_argument("--train-imgsz", type=int, default=None,
+                    help="training size (default: QATConfig's, 320, or 640 from a TASKQ --start)")
     ap.add_argument("--start", default=None, metavar="QPT",
                     help="start every row from this checkpoint (e.g. TASKQ-finetuned; its bits name the rows) "
                          "instead of calibrating a W4A4 one")
@@ -69,7 +70,11 @@ def main() -> None:
     trained = {p.resolve() for p in train.images}
     rest = [p for p in ev.images if p.resolve() not in trained]
     held = Dataset(rest, None, ev.names, ev.source) if rest and len(rest) < len(ev.images) else None
-    r = api.load_quantized(args.start).recipe if args.start else Recipe(4, 4)
+    sq = api.load_quantized(args.start) if args.start else None
+    r = sq.recipe if sq else Recipe(4, 4)
+    # the size every row trains at, as QATConfig picks it for this start (shown in the table)
+    history = sq.provenance.get("history", []) if sq else []
+    args.train_imgsz = args.train_imgsz or QATConfig().for_start(r, history).imgsz
     bits = f"W{r.weight_bits}A{r.act_bits}"
     only = set(args.only.split(",")) if args.only else set()
     unknown = only - set(ROWS) - {f"{bits} {short}" for short in ROWS}

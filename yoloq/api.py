@@ -184,6 +184,7 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
     else:
         float_model, qm = load_float(source), None
         recipe = Recipe(weight_bits or 4, act_bits or 4, images=min(len(ds.images), 64))
+    cfg = cfg.for_start(recipe, qm.provenance.get("history", []) if qm is not None else [])
     work = Path(f"{out}.data")
     fingerprint = {"source": str(source), "source_sha256": sha256_file(source) if Path(source).is_file() else None,
                    "images": [str(p) for p in ds.images], "recipe": recipe.to_dict()}

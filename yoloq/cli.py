@@ -119,11 +119,12 @@ def finetune(
     method: Annotated[str, typer.Option(help=(
         "PTQ reconstruction: taskq | block-mse | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
     iters: Annotated[Optional[int], typer.Option(help=(
-        "taskq & co: optimisation steps per unit (default 1200). hqod/lsq: optimisation steps in all (default 300)."))] = None,
+        "taskq & co: optimisation steps per unit (default 1200). hqod/lsq: optimisation steps in all (default 300; "
+        "75 from a taskq checkpoint)."))] = None,
     images: Annotated[Optional[int], typer.Option(help="Images to use. Default: taskq 64, hqod/lsq all.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help=(
         "Input size (multiple of 32). taskq: the model's size (default 640); hqod/lsq: the training size (default "
-        "320; the checkpoint keeps 640 for export and eval)."))] = None,
+        "320, or the checkpoint's own size from a taskq checkpoint; the checkpoint keeps its size for export)."))] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     no_sparse: Annotated[bool, typer.Option("--no-sparse", help="taskq: no sparse outlier branch.")] = False,
     no_dtr: Annotated[bool, typer.Option("--no-dtr", help="taskq: no detection-aware loss on head units.")] = False,

@@ -175,6 +175,27 @@ def test_cosine_schedule_decays_from_the_base_rate_to_one_percent():
     assert {qat.lr_factor("constant", t, 50) for t in range(50)} == {1.0}
 
 
+def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, lively_model, tmp_path):
+    calibrated = api.load_quantized(w4a4)
+    cfg = QATConfig().for_start(calibrated.recipe, calibrated.provenance["history"])
+    assert (cfg.iters, cfg.imgsz) == (300, 320)
+    assert QATConfig(iters=9, imgsz=96).for_start(calibrated.recipe, []) == QATConfig(iters=9, imgsz=96)
+    # a TASKQ checkpoint trains at its own size (SZ here), 75 steps; a QAT result of it too (its history has TASKQ)
+    from yoloq.methods.taskq import TaskQConfig
+
+    tq, _ = api.finetune(lively_model, str(images_dir), TaskQConfig(iters=1, batch=2, crop=32, eval_images=2, sparse=False),
+                         weight_bits=4, act_bits=4, images=2, imgsz=SZ)
+    tq_path = api.save(tq, tmp_path / "taskq.qpt")
+    qm, rep = api.qat(str(tq_path), str(labelled), QATConfig(batch=2, epochs=1, distill=0.0), tmp_path / "hqod.qpt")
+    last = qm.provenance["history"][-1]
+    assert (last["method"], last["iters"], last["imgsz"]) == ("hqod", 75, SZ) and rep["steps"] == 2  # epochs win
+    again = QATConfig().for_start(qm.recipe, qm.provenance["history"])
+    assert (again.iters, again.imgsz) == (75, SZ)
+    # a start trained by QAT alone is not reconstructed: the 320 default stays
+    hq, _ = api.qat(str(w4a4), str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0), tmp_path / "h2.qpt")
+    assert QATConfig().for_start(hq.recipe, hq.provenance["history"]).imgsz == 320
+
+
 def test_labels_the_model_cannot_use_exit_2_and_suggest_pseudo_labels(qckpts, labelled, images_dir, tmp_path):
     from typer.testing import CliRunner
 
