@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,12 @@ ROWS = {
     "TQT": {"method": "lsq", "quantizer": "tqt"},
     "TQT+HQOD": {"method": "hqod", "quantizer": "tqt"},
 }
+
+
+def slug(row: str) -> str:
+    """A file name for a row: rows and their files are one to one (a --start file named like a row's output would
+    otherwise share its ONNX file with that row)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
 
 
 def main() -> None:
@@ -80,6 +87,10 @@ def main() -> None:
     unknown = only - set(ROWS) - {f"{bits} {short}" for short in ROWS}
     if unknown:  # before any work; a row named with other bits than the start's would otherwise be skipped silently
         ap.error(f"--only: no row {', '.join(sorted(unknown))} from a {bits} start; rows: {', '.join(ROWS)}")
+    results = {s: (out / f"{slug(f'{bits} {s}')}.qpt").resolve() for s in ROWS}
+    clash = [s for s, p in results.items() if args.start and p == Path(args.start).resolve()]
+    if clash:
+        ap.error(f"--start {args.start} is where row {clash[0]} writes its result; give another --out")
     if args.start:
         start, first, first_row = Path(args.start), f"{bits} start ({Path(args.start).name})", {}
     else:
@@ -93,7 +104,7 @@ def main() -> None:
         if only and not only & {short, name}:
             continue
         cfg = QATConfig(pseudo_labels=True, imgsz=args.train_imgsz, **kw, **({"iters": args.iters} if args.iters else {}))
-        qckpts[name] = out / f"{name.replace(' ', '_').replace('+', '_')}.qpt"
+        qckpts[name] = results[short]
         t = time.perf_counter()
         _, rep = api.qat(str(start), train, cfg, qckpts[name])
         rows[name] = {"train_s": time.perf_counter() - t, "steps": rep["steps"], "loss_before": rep["loss_before"],
@@ -106,7 +117,7 @@ def main() -> None:
         gts = [d[:, [5, 0, 1, 2, 3]] for d in fid_ref["dets"]]
         paths = {"FP32": fp32}
         for name, q in qckpts.items():
-            paths[name] = Path(api.export(str(q), out / f"{q.stem}_{size}.onnx", imgsz=size)["path"])
+            paths[name] = Path(api.export(str(q), out / f"{slug(name)}_{size}.onnx", imgsz=size)["path"])
         for name, p in paths.items():
             pred = OrtPredictor(p, threads=2)
             key = "" if size == args.imgsz else f"_{size}"
