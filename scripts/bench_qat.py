@@ -30,7 +30,7 @@ from yoloq import api  # noqa: E402
 from yoloq.data.datasets import Dataset, resolve_data  # noqa: E402
 from yoloq.demo_model import demo_model_path  # noqa: E402
 from yoloq.export.onnx import export_float_onnx  # noqa: E402
-from yoloq.methods.qat import QATConfig  # noqa: E402
+from yoloq.methods.qat import QATConfig, reconstructed  # noqa: E402
 from yoloq.recipe import Recipe  # noqa: E402
 from yoloq.runtime.evaluate import detect, evaluate  # noqa: E402
 from yoloq.runtime.harmony import for_fidelity, harmony, reference_run  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
     r = sq.recipe if sq else Recipe(4, 4)
     # the size every row trains at, as QATConfig picks it for this start (shown in the table)
     history = sq.provenance.get("history", []) if sq else []
-    args.train_imgsz = args.train_imgsz or QATConfig().for_start(r, history).imgsz
+    args.train_imgsz = args.train_imgsz or QATConfig().for_start(r, reconstructed(history)).imgsz
     bits = f"W{r.weight_bits}A{r.act_bits}"
     only = set(args.only.split(",")) if args.only else set()
     unknown = only - set(ROWS) - {f"{bits} {short}" for short in ROWS}

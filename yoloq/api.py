@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -100,8 +101,7 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
         recipe = Recipe.from_dict(payload["recipe"])
         _check_recipe(source, recipe, weight_bits=weight_bits, act_bits=act_bits, imgsz=imgsz)
     else:
-        recipe = Recipe(weight_bits or 4, act_bits or 4, "mse", bias_correction=False, weight_rounding="nearest",
-                        images=images or Recipe.images, imgsz=imgsz or 640)
+        recipe = _reconstruction_recipe(weight_bits, act_bits, images, imgsz)
     ds = ds.take(images or recipe.images)
     state = None
     if out is not None:
@@ -123,6 +123,13 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
         save(qm, out)
         state.remove()
     return qm, report
+
+
+def _reconstruction_recipe(weight_bits: int | None, act_bits: int | None, images: int | None,
+                           imgsz: int | None) -> Recipe:
+    """The calibration a reconstruction starts from: MSE ranges, weights rounded to nearest (it learns the rounding)."""
+    return Recipe(weight_bits or 4, act_bits or 4, "mse", bias_correction=False, weight_rounding="nearest",
+                  images=images or Recipe.images, imgsz=imgsz or 640)
 
 
 def float_of(qm: QuantizedModel):
@@ -163,9 +170,10 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
         act_bits: int | None = None, images: int | None = None) -> tuple[QuantizedModel, dict]:
     """Quantization-aware training (HQOD or plain LSQ/TQT, see yoloq.methods.qat); writes `out`.
 
-    `source` is a float model (.pt or YAML: calibrated here first, W4A4 by default, with the calibrate defaults) or
-    a quantized checkpoint. Progress is kept in `<out>.partial` after every epoch, and re-running with the same
-    arguments continues from there; under torchrun only rank 0 writes.
+    `source` is a float model (.pt or YAML; W4A4 by default), quantized here first as `cfg.start` says (TASKQ
+    reconstruction by default, or calibration with the calibrate defaults), or a quantized checkpoint. Progress is
+    kept in `<out>.start.qpt` (the TASKQ start, itself resumable) and `<out>.partial` (after every epoch), and
+    re-running with the same arguments continues from there; under torchrun only rank 0 writes.
     """
     import shutil
 
@@ -177,33 +185,64 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
     ds = ds.take(images)
     payload = checkpoint.read(source) if Path(source).is_file() else None
     if payload is not None:
+        if cfg.start is not None:
+            raise YoloqError(f"--start applies to a float model; {source} is a quantized checkpoint, its own start")
         qm = checkpoint.load(source, payload)
         _check_recipe(source, qm.recipe, weight_bits=weight_bits, act_bits=act_bits)
         float_model = float_of(qm)
         recipe = qm.recipe
+        rebuilt = qat_method.reconstructed(qm.provenance.get("history", []))
     else:
         float_model, qm = load_float(source), None
-        recipe = Recipe(weight_bits or 4, act_bits or 4, images=min(len(ds.images), 64))
-    cfg = cfg.for_start(recipe, qm.provenance.get("history", []) if qm is not None else [])
+        cfg = replace(cfg, start=cfg.start or "taskq")
+        rebuilt = cfg.start == "taskq"
+        n = min(len(ds.images), Recipe.images)
+        recipe = (_reconstruction_recipe(weight_bits, act_bits, n, None) if rebuilt
+                  else Recipe(weight_bits or 4, act_bits or 4, images=n))
+    cfg = cfg.for_start(recipe, rebuilt)
     work = Path(f"{out}.data")
     fingerprint = {"source": str(source), "source_sha256": sha256_file(source) if Path(source).is_file() else None,
                    "images": [str(p) for p in ds.images], "recipe": recipe.to_dict()}
     state = qat_method.QATState(partial_path(out), cfg, fingerprint)
     resuming = state.path.exists()
-    if qm is None and not resuming:
-        qm = calibrate(source, ds, recipe)
     note = "labels of the interrupted run"
-    if dist.main and not (resuming and (work / "images").is_dir()):
+    if dist.main and not (resuming and (work / "images").is_dir()):  # first: unusable labels fail before any work
         if cfg.pseudo_labels and cfg.device == "cuda":  # labelling 64 images at 640 on a busy CPU took minutes
             float_model.to(f"cuda:{dist.rank}")
         labels, note = training_labels(ds, yolo.class_names(float_model), float_model, cfg.pseudo_labels, recipe.imgsz)
         write_yolo(ds.images, labels, work)
     dist.barrier()
+    start_path = Path(f"{out}.start.qpt")
+    if qm is None and not resuming:
+        qm = _taskq_start(source, ds, recipe, cfg, start_path, dist) if rebuilt else calibrate(source, ds, recipe)
     qm, report = qat_method.run(qm, work / "images", cfg, state, dist, float_model if cfg.distill else None)
     if dist.main:
         report["labels"] = note
+        report["start"] = {"taskq": f"TASKQ reconstruction ({cfg.start_iters} steps per unit)", "ptq": "calibration",
+                           None: str(source)}[cfg.start]
         save(qm, out)
         state.remove()
+        start_path.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()
     return qm, report
+
+
+def _taskq_start(source: str, ds: Dataset, recipe: Recipe, cfg, path: Path, dist) -> QuantizedModel:
+    """TASKQ reconstruction of a float model as the start of QAT, kept at `path` until the training ends: run by the
+    main process (resumable as any `finetune --out`), read by every process."""
+    from yoloq.methods.taskq import TaskQConfig
+
+    if dist.main:
+        if path.exists():
+            done = checkpoint.read(path) or {}
+            prov = done.get("provenance", {})
+            if prov.get("source_sha256") != (sha256_file(source) if Path(source).is_file() else None) \
+                    or done.get("recipe", {}).get("act_bits") != recipe.act_bits \
+                    or done.get("recipe", {}).get("weight_bits") != recipe.weight_bits:
+                raise YoloqError(f"{path} is left from a run with another model or bits; delete it")
+        else:
+            finetune(source, ds, TaskQConfig(iters=cfg.start_iters, seed=cfg.seed), path, recipe.weight_bits,
+                     recipe.act_bits, recipe.images, recipe.imgsz)
+    dist.barrier()
+    return checkpoint.load(path)

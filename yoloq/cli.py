@@ -140,6 +140,10 @@ def finetune(
         "off. Default 10."))] = None,
     lr_schedule: Annotated[Optional[str], typer.Option(help=(
         "hqod/lsq: constant | cosine (decay to 1% at the last step, for long runs). Default constant."))] = None,
+    start: Annotated[Optional[str], typer.Option(help=(
+        "hqod/lsq from a float model: how it is quantized before training: taskq (reconstruction, 800 steps per "
+        "unit on 64 images; then --iters and --imgsz default as from a taskq checkpoint) | ptq (calibration). "
+        "Default taskq."))] = None,
     no_tcorr: Annotated[bool, typer.Option("--no-tcorr", help="hqod: no Task-Correlated loss.")] = False,
     no_hiou: Annotated[bool, typer.Option("--no-hiou", help="hqod: no Harmonious-IoU loss.")] = False,
     out: Annotated[Optional[str], typer.Option(help="Quantized checkpoint to write (progress kept in OUT.partial).")] = None,
@@ -153,7 +157,8 @@ def finetune(
     out = out or f"{Path(model).stem}-{method}.qpt"
     qat_flags = {"--quantizer": quantizer is not None, "--epochs": epochs is not None, "--batch": batch is not None,
                  "--device": device is not None, "--pseudo-labels": pseudo_labels, "--distill": distill is not None,
-                 "--lr-schedule": lr_schedule is not None, "--no-tcorr": no_tcorr, "--no-hiou": no_hiou}
+                 "--lr-schedule": lr_schedule is not None, "--start": start is not None, "--no-tcorr": no_tcorr,
+                 "--no-hiou": no_hiou}
     taskq_flags = {"--no-sparse": no_sparse, "--no-dtr": no_dtr, "--no-stahq": no_stahq}
     if method in QAT_METHODS:
         bad = [k for k, v in taskq_flags.items() if v]
@@ -166,7 +171,7 @@ def finetune(
         from yoloq.methods.qat import QATConfig
 
         opts = {"quantizer": quantizer, "epochs": epochs, "batch": batch, "device": device, "imgsz": imgsz, "iters": iters,
-                "distill": distill, "lr_schedule": lr_schedule}
+                "distill": distill, "lr_schedule": lr_schedule, "start": start}
         cfg = QATConfig(method=method, seed=seed, pseudo_labels=pseudo_labels, tcorr=not no_tcorr, hiou=not no_hiou,
                         **{k: v for k, v in opts.items() if v is not None})
         check_writable(out)
@@ -222,6 +227,7 @@ def _finetune_qat(model, data, cfg, out, b, images, json_out) -> None:
     rows = [[h["epoch"], h["step"], *(f"{h.get(k, 0.0):.4f}" for k in keys)] for h in rep["history"]]
     shown = rows if len(rows) <= 12 else rows[:3] + [["...", "", *([""] * len(keys))]] + rows[-8:]
     Console().print(table(f"yoloq finetune {cfg.method} ({cfg.quantizer}) {qm.recipe.name}", ["epoch", "step", *keys], shown))
+    typer.echo(f"start: {rep['start']}")
     typer.echo(f"{rep['labels']}; {rep['images']} images, {rep['steps']} steps, {rep['seconds']:.0f} s"
                + (f", {rep['world_size']} processes" if rep["world_size"] > 1 else ""))
     if json_out:

@@ -17,6 +17,7 @@ from ultralytics.utils.tal import make_anchors
 
 from yoloq import api
 from yoloq.data.datasets import resolve_data, write_yolo
+from yoloq.errors import YoloqError
 from yoloq.losses.hqod import HQODLossConfig, hqod_loss
 from yoloq.methods import qat
 from yoloq.methods.qat import QATConfig
@@ -177,9 +178,10 @@ def test_cosine_schedule_decays_from_the_base_rate_to_one_percent():
 
 def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, lively_model, tmp_path):
     calibrated = api.load_quantized(w4a4)
-    cfg = QATConfig().for_start(calibrated.recipe, calibrated.provenance["history"])
+    assert not qat.reconstructed(calibrated.provenance["history"])
+    cfg = QATConfig().for_start(calibrated.recipe, False)
     assert (cfg.iters, cfg.imgsz) == (300, 320)
-    assert QATConfig(iters=9, imgsz=96).for_start(calibrated.recipe, []) == QATConfig(iters=9, imgsz=96)
+    assert QATConfig(iters=9, imgsz=96).for_start(calibrated.recipe, True) == QATConfig(iters=9, imgsz=96)
     # a TASKQ checkpoint trains at its own size (SZ here), 75 steps; a QAT result of it too (its history has TASKQ)
     from yoloq.methods.taskq import TaskQConfig
 
@@ -189,11 +191,48 @@ def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, liv
     qm, rep = api.qat(str(tq_path), str(labelled), QATConfig(batch=2, epochs=1, distill=0.0), tmp_path / "hqod.qpt")
     last = qm.provenance["history"][-1]
     assert (last["method"], last["iters"], last["imgsz"]) == ("hqod", 75, SZ) and rep["steps"] == 2  # epochs win
-    again = QATConfig().for_start(qm.recipe, qm.provenance["history"])
+    assert qat.reconstructed(qm.provenance["history"])
+    again = QATConfig().for_start(qm.recipe, True)
     assert (again.iters, again.imgsz) == (75, SZ)
     # a start trained by QAT alone is not reconstructed: the 320 default stays
     hq, _ = api.qat(str(w4a4), str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0), tmp_path / "h2.qpt")
-    assert QATConfig().for_start(hq.recipe, hq.provenance["history"]).imgsz == 320
+    assert not qat.reconstructed(hq.provenance["history"])
+
+
+def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_model, labelled, qckpts, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "hqod.qpt"
+    start = Path(f"{out}.start.qpt")
+    cfg = QATConfig(batch=2, epochs=1, distill=0.0, start_iters=1)
+    real_run = qat.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qat, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.qat(lively_model, str(labelled), cfg, out)
+    assert start.exists() and not out.exists()  # the reconstruction is kept for the next run
+    monkeypatch.setattr(qat, "run", real_run)
+    monkeypatch.setattr(api, "finetune", lambda *a, **k: pytest.fail("the finished start was reconstructed again"))
+    qm, rep = api.qat(lively_model, str(labelled), cfg, out)
+    methods = [h["method"] for h in qm.provenance["history"] if h.get("step") == "finetune"]
+    assert methods == ["taskq", "hqod"]
+    last = qm.provenance["history"][-1]
+    assert (last["start"], last["iters"], last["imgsz"]) == ("taskq", 75, qm.recipe.imgsz)  # as from a TASKQ file
+    assert out.exists() and not start.exists()
+    # calibration alone on request; a checkpoint is its own start
+    monkeypatch.undo()
+    ptq, _ = api.qat(lively_model, str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0, start="ptq"),
+                     tmp_path / "ptq.qpt")
+    assert [h["method"] for h in ptq.provenance["history"] if h.get("step") == "finetune"] == ["hqod"]
+    assert ptq.provenance["history"][-1]["iters"] == 300
+    with pytest.raises(YoloqError, match="--start applies to a float model"):
+        api.qat(str(out), str(labelled), QATConfig(start="ptq"), tmp_path / "x.qpt")
+    # a start file left by a run on another model is not taken for this one's
+    shutil.copy(qckpts["yolov8n.yaml"], tmp_path / "other.qpt.start.qpt")
+    with pytest.raises(YoloqError, match="left from a run with another model"):
+        api.qat(lively_model, str(labelled), cfg, tmp_path / "other.qpt")
 
 
 def test_labels_the_model_cannot_use_exit_2_and_suggest_pseudo_labels(qckpts, labelled, images_dir, tmp_path):
@@ -211,10 +250,19 @@ def test_labels_the_model_cannot_use_exit_2_and_suggest_pseudo_labels(qckpts, la
                                      "--iters", "1", "--imgsz", str(SZ), "--out", str(out)])
         assert_clean_error(r, "--pseudo-labels")
         assert not out.exists() and not Path(f"{out}.data").exists()
+    # from a float model too, before its TASKQ start is reconstructed (minutes on a real model)
+    r = CliRunner().invoke(app, ["finetune", "yolov8n.yaml", "--data", str(images_dir), "--method", "hqod",
+                                 "--out", str(tmp_path / "f.qpt")])
+    assert_clean_error(r, "--pseudo-labels")
+    assert not list(tmp_path.glob("f.qpt*"))
+    r = CliRunner().invoke(app, ["finetune", str(qckpts["yolov8n.yaml"]), "--data", str(labelled), "--method", "hqod",
+                                 "--start", "taskq", "--out", str(tmp_path / "s.qpt")])
+    assert_clean_error(r, "--start applies to a float model")
     for flags in (["--method", "taskq", "--pseudo-labels"], ["--method", "hqod", "--no-sparse"],
                   ["--method", "lsq", "--no-hiou"], ["--method", "hqod", "--quantizer", "pot"],
                   ["--method", "hqod", "--epochs", "1", "--iters", "2"], ["--method", "hqod", "--lr-schedule", "step"],
-                  ["--method", "taskq", "--lr-schedule", "constant"]):
+                  ["--method", "taskq", "--lr-schedule", "constant"], ["--method", "taskq", "--start", "ptq"],
+                  ["--method", "hqod", "--start", "both"]):
         r = CliRunner().invoke(app, ["finetune", str(qckpts["yolov8n.yaml"]), "--data", str(labelled), *flags,
                                      "--out", str(tmp_path / "y.qpt")])
         assert_clean_error(r)

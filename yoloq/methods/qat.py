@@ -45,7 +45,7 @@ class QATConfig:
     method: str = "hqod"  # hqod: detection loss + HQOD terms; lsq: the detection loss alone
     quantizer: str = "lsq"  # how step sizes are learned: lsq | tqt (power-of-two)
     # optimisation steps in all; None: by the start (for_start), 300 (about 11 minutes for YOLOv8s on 2 CPU cores at
-    # 320), or 75 from a reconstructed (TASKQ & co) checkpoint, trained at its own size (about 14 minutes at 640)
+    # 320), or 75 from a reconstructed (TASKQ & co) start, trained at its own size (about 14-17 minutes at 640)
     iters: int | None = None
     epochs: int | None = None  # instead of iters: whole passes over the training images
     batch: int = 8  # images per step, over all processes
@@ -69,6 +69,13 @@ class QATConfig:
     distill: float = 10.0
     seed: int = 0
     device: str = "cpu"
+    # how a float model becomes the start of training (a quantized checkpoint is its own start): "taskq", TASKQ
+    # reconstruction (start_iters steps per unit, on the first 64 images) and then the steps and size of a TASKQ
+    # start; or "ptq", calibration alone. None: taskq. Demo YOLOv8s W4A4, held out: 0.666 in 29.5 minutes on 2
+    # cores, against 0.610 from calibration (all 80 images: 0.650 against 0.512; docs/methods.md). 800, not
+    # TASKQ's own 1200, to fit the whole in 30 minutes
+    start: str | None = None
+    start_iters: int = 800
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +89,10 @@ class QATConfig:
                 raise YoloqError(f"{k} must be at least 1, got {getattr(self, k)}")
         if not (math.isfinite(self.distill) and self.distill >= 0):
             raise YoloqError(f"distill weight must be a number >= 0, got {self.distill}")
+        if self.start not in (None, "taskq", "ptq"):
+            raise YoloqError(f"unknown start {self.start!r}; choose taskq or ptq")
+        if self.start_iters < 1:
+            raise YoloqError(f"start iters must be at least 1, got {self.start_iters}")
         if self.epochs is not None and self.epochs < 1:
             raise YoloqError(f"epochs must be at least 1, got {self.epochs}")
         if self.imgsz is not None:
@@ -95,18 +106,23 @@ class QATConfig:
     def hqod(self) -> HQODLossConfig | None:
         return HQODLossConfig(tcorr=self.tcorr, hiou=self.hiou) if self.method == "hqod" else None
 
-    def for_start(self, recipe, history: list[dict]) -> "QATConfig":
-        """`iters` and `imgsz` filled in where left to the default, from the start checkpoint's recipe and history.
+    def for_start(self, recipe, reconstructed: bool) -> "QATConfig":
+        """`iters` and `imgsz` filled in where left to the default, from the start's recipe and whether it was
+        reconstructed against the float model (see `reconstructed`).
 
         A start reconstructed against the float model (TASKQ & co) is already close to it at its own size: training
         at 320 pulls it away there, so it trains at its own size, for fewer (four times dearer) steps.
         """
-        reconstructed = any(h.get("step") == "finetune" and h.get("method") not in METHODS for h in history)
         return replace(self, iters=self.iters or (75 if reconstructed else 300),
                        imgsz=self.imgsz or (recipe.imgsz if reconstructed else 320))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def reconstructed(history: list[dict]) -> bool:
+    """Whether a checkpoint's history holds a reconstruction (TASKQ and its baselines), QAT results of one included."""
+    return any(h.get("step") == "finetune" and h.get("method") not in METHODS for h in history)
 
 
 # ---- processes -------------------------------------------------------------------------------------------------------
@@ -269,7 +285,7 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
     if cfg.iters is None or cfg.imgsz is None:
         if qm is None:
             raise ValueError("resolve the default steps and size with cfg.for_start(...) before resuming")
-        cfg = cfg.for_start(qm.recipe, qm.provenance.get("history", []))
+        cfg = cfg.for_start(qm.recipe, reconstructed(qm.provenance.get("history", [])))
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{dist.rank}")
     resumed = state is not None and state.load()
     if resumed:
