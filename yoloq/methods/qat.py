@@ -19,6 +19,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,9 @@ class Dist:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+            # the others wait at a barrier while the main process labels the images and reconstructs the TASKQ start
+            # of a float model (about 13 minutes for YOLOv8s on 2 CPU cores; the default timeout is 30 on gloo)
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(hours=4))
         return cls(dist.get_rank(), dist.get_world_size())
 
     def barrier(self) -> None:
