@@ -214,7 +214,8 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
     dist.barrier()
     start_path = Path(f"{out}.start.qpt")
     if qm is None and not resuming:
-        qm = _taskq_start(source, ds, recipe, cfg, start_path, dist) if rebuilt else calibrate(source, ds, recipe)
+        qm = (_taskq_start(source, fingerprint["source_sha256"], ds, recipe, cfg, start_path, dist) if rebuilt
+              else calibrate(source, ds, recipe))
     qm, report = qat_method.run(qm, work / "images", cfg, state, dist, float_model if cfg.distill else None)
     if dist.main:
         report["labels"] = note
@@ -228,18 +229,18 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
     return qm, report
 
 
-def _taskq_start(source: str, ds: Dataset, recipe: Recipe, cfg, path: Path, dist) -> QuantizedModel:
+def _taskq_start(source: str, source_sha256: str | None, ds: Dataset, recipe: Recipe, cfg, path: Path,
+                 dist) -> QuantizedModel:
     """TASKQ reconstruction of a float model as the start of QAT, kept at `path` until the training ends: run by the
     main process (resumable as any `finetune --out`), read by every process."""
     from yoloq.methods.taskq import TaskQConfig
 
     if dist.main:
         if path.exists():
-            done = checkpoint.read(path) or {}
-            prov = done.get("provenance", {})
-            if prov.get("source_sha256") != (sha256_file(source) if Path(source).is_file() else None) \
-                    or done.get("recipe", {}).get("act_bits") != recipe.act_bits \
-                    or done.get("recipe", {}).get("weight_bits") != recipe.weight_bits:
+            done = checkpoint.read(path)
+            bits = (recipe.weight_bits, recipe.act_bits)
+            if done is None or done["provenance"].get("source_sha256") != source_sha256 \
+                    or (done["recipe"]["weight_bits"], done["recipe"]["act_bits"]) != bits:
                 raise YoloqError(f"{path} is left from a run with another model or bits; delete it")
         else:
             finetune(source, ds, TaskQConfig(iters=cfg.start_iters, seed=cfg.seed), path, recipe.weight_bits,
