@@ -222,3 +222,39 @@ def test_default_rounding_regulariser_ends_with_the_hard_rounding_near_the_soft_
     weak_soft, weak_hard, _ = _round_a_linear_layer(0.01)
     assert hard < 1.25 * soft and weak_hard > 1.4 * weak_soft
     assert hard < weak_hard and hard < 0.98 * nearest
+
+
+def test_crops_score_only_the_cells_whose_context_is_real():
+    from ultralytics.nn.modules import SPPF, C2f
+
+    torch.manual_seed(0)
+    imgsz, stride = 256, 8
+    for mod in (C2f(8, 8, n=2).eval(), SPPF(8, 8).eval()):
+        x = torch.randn(1, 8, imgsz // stride, imgsz // stride)
+        margin = taskq.receptive_margin([mod], [[x]], imgsz)
+        # C2f: two bottlenecks of two 3x3 convs; SPPF: three 5x5 max pools in a row
+        assert margin == (4 if isinstance(mod, C2f) else 6) * stride
+        with torch.no_grad():
+            whole = mod(x)
+            for m, same in ((margin, True), (0, False)):
+                boxes = taskq._crop_boxes(torch.Generator().manual_seed(1), 12, imgsz, 64, stride, m)
+                out = mod(taskq._cut([x], boxes, imgsz))
+                mask = taskq._scored_cells(out, boxes).bool()
+                ref = torch.cat([whole[..., y0 // stride:(y0 + side) // stride, x0 // stride:(x0 + side) // stride]
+                                 for _, y0, x0, side, _ in boxes])
+                err = (out - ref).abs().amax(1)[mask]
+                # with its margin every scored cell is what the whole map computes; a bare crop's edges are not
+                assert (float(err.max()) < 1e-5) == same, (type(mod).__name__, m, float(err.max()))
+
+
+def test_crop_margins_stay_inside_the_image_and_score_the_crop_side():
+    gen = torch.Generator().manual_seed(0)
+    for img, y0, x0, side, (sy0, sx0, sy1, sx1) in taskq._crop_boxes(gen, 200, 640, 160, 32, 40):
+        assert side == 160 + 2 * 64 and 0 <= y0 and y0 + side <= 640 and 0 <= x0 and x0 + side <= 640
+        for a0, s0, s1 in ((y0, sy0, sy1), (x0, sx0, sx1)):
+            assert s0 == (0 if a0 == 0 else a0 + 64) and s1 == (640 if a0 + side == 640 else a0 + side - 64)
+            assert s1 - s0 >= 160
+    # a margin past the image: whole maps, all scored; no margin: the bare crop, all scored
+    assert {b[3:] for b in taskq._crop_boxes(gen, 5, 640, 160, 32, 400)} == {(640, (0, 0, 640, 640))}
+    for _, y0, x0, side, scored in taskq._crop_boxes(gen, 20, 640, 160, 32, 0):
+        assert side == 160 and scored == (y0, x0, y0 + 160, x0 + 160)

@@ -46,6 +46,9 @@ class TaskQConfig:
     iters: int = 1200  # optimisation steps per unit (demo YOLOv8s W4A4: about 12 of the 20 minutes allowed)
     batch: int = 4  # crops per step
     crop: int = 160  # crop side in input pixels (rounded to the largest stride)
+    # crops carry the unit's receptive-field margin as context, and the loss skips the cells that see a crop edge
+    # (zero padding no whole map has); False: the loss covers every cell of a bare crop
+    context: bool = True
     seed: int = 0
     sparse: bool = True  # sparse outlier branch on the SiLU outputs where it pays
     sparse_max: int = 4  # at most this many tensors (each one costs int8 fusion of its consumers)
@@ -131,24 +134,82 @@ class FeatureCache:
 
 
 # ---- crops ---------------------------------------------------------------------------------------------------------
-def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int) -> list[tuple[int, int, int, int]]:
-    """n (image, y0, x0, side) crops in input pixels, aligned to `align` (the coarsest stride used)."""
+Box = tuple[int, int, int, int, tuple[int, int, int, int]]
+
+
+def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int, margin: int = 0) -> list[Box]:
+    """n (image, y0, x0, side, scored) crops in input pixels, aligned to `align` (the coarsest stride used).
+
+    Each crop adds `margin` pixels of context on every side; `scored` (y0, x0, y1, x1) is the part whose cells see
+    only real context: the crop less the margin, except along the image's own edges, where the padding is real."""
     side = max(align, min(imgsz, crop) // align * align)
-    cells = (imgsz - side) // align + 1
+    m = -(-margin // align) * align
+    full = min(imgsz // align * align, side + 2 * m)
+    cells = (imgsz - full) // align + 1
     out = []
     for _ in range(n):
         r = torch.randint(0, 1 << 30, (3,), generator=gen).tolist()
-        out.append((r[0], (r[1] % cells) * align, (r[2] % cells) * align, side))
+        y0, x0 = (r[1] % cells) * align, (r[2] % cells) * align
+
+        def inner(a0):
+            return (a0 if a0 == 0 else a0 + m), (a0 + full if a0 + full >= imgsz else a0 + full - m)
+
+        (sy0, sy1), (sx0, sx1) = inner(y0), inner(x0)
+        out.append((r[0], y0, x0, full, (sy0, sx0, sy1, sx1)))
     return out
 
 
-def _cut(feats: list[torch.Tensor], boxes, imgsz: int) -> torch.Tensor:
+def _cut(feats: list[torch.Tensor], boxes: list[Box], imgsz: int) -> torch.Tensor:
     parts = []
-    for img, y0, x0, side in boxes:
+    for img, y0, x0, side, _ in boxes:
         x = feats[img % len(feats)]
         st = imgsz // x.shape[-1]
         parts.append(x[..., y0 // st:(y0 + side) // st, x0 // st:(x0 + side) // st])
     return torch.cat(parts)
+
+
+def _scored_cells(out: torch.Tensor, boxes: list[Box]) -> torch.Tensor:
+    """(B, H, W) 1 where a cell of a unit output on these crops lies in its crop's scored part, else 0."""
+    h, w = out.shape[-2:]
+    masks = []
+    for _, y0, x0, side, (sy0, sx0, sy1, sx1) in boxes:
+        cy = y0 + (torch.arange(h) + 0.5) * (side / h)
+        cx = x0 + (torch.arange(w) + 0.5) * (side / w)
+        masks.append(((cy >= sy0) & (cy < sy1))[:, None] & ((cx >= sx0) & (cx < sx1))[None, :])
+    return torch.stack(masks).to(out.dtype)
+
+
+@torch.no_grad()
+def receptive_margin(fp_mods: list[nn.Module], ins_fp: list[list[torch.Tensor]], imgsz: int) -> int:
+    """Input pixels an output cell of the unit reaches beyond its own: per module, the sum over its convs and pools
+    of the kernel's reach times that layer's input stride (exact for a chain, more for parallel paths, less for
+    attention, which sees the whole map); the largest over the unit's modules."""
+    reach = []
+
+    def hook(m, args):
+        k = m.conv if isinstance(m, QConv2d) else m
+        size, dil = (_pair(k.kernel_size), _pair(k.dilation))
+        reach[-1] += max((s - 1) // 2 * d for s, d in zip(size, dil)) * imgsz / args[0].shape[-1]
+
+    for mod, x in zip(fp_mods, ins_fp):
+        reach.append(0.0)
+        # a QConv2d convolves with F.conv2d, so the nn.Conv2d it holds never fires: each conv counts once
+        kinds = (QConv2d, nn.Conv2d, nn.MaxPool2d)
+        hooks = [m.register_forward_pre_hook(hook) for m in mod.modules() if isinstance(m, kinds)]
+        try:
+            mod(x[0])
+        finally:
+            for h in hooks:
+                h.remove()
+    return int(-(-max(reach) // 1))
+
+
+def _pair(v) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _weighted_mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return x.mean() if w is None else (x * w).sum() / w.sum().clamp_min(1)
 
 
 # ---- one unit --------------------------------------------------------------------------------------------------------
@@ -169,12 +230,14 @@ class UnitTrainer:
             fp = [m(x) for m, x in zip(self.fp_mods, xs_fp)]
         return q, fp
 
-    def loss(self, xs_q, xs_fp) -> tuple[torch.Tensor, dict]:
+    def loss(self, xs_q, xs_fp, boxes: list[Box] | None = None) -> tuple[torch.Tensor, dict]:
+        """On whole maps, or on crops (`boxes`), where only each crop's scored cells count."""
         q, fp = self.outputs(xs_q, xs_fp)
-        rec = sum(((a - b) ** 2).sum(1).mean() for a, b in zip(q, fp))
+        masks = [None if boxes is None else _scored_cells(a, boxes) for a in q]
+        rec = sum(_weighted_mean(((a - b) ** 2).sum(1), m) for a, b, m in zip(q, fp, masks))
         parts = {"rec": float(rec.detach())}
         if self.cfg.dtr and self.branches:
-            dtr = self._dtr(q, fp, xs_fp)
+            dtr = self._dtr(q, fp, xs_fp, masks)
             parts["dtr"] = float(dtr.detach())
             rec = rec + dtr
         return rec, parts
@@ -189,11 +252,13 @@ class UnitTrainer:
     def _max_score(logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid().amax(1).flatten(1)  # (B, HW)
 
-    def _dtr(self, q, fp, xs_fp) -> torch.Tensor:
+    def _dtr(self, q, fp, xs_fp, masks) -> torch.Tensor:
         total = 0.0
-        for (task, scale), a, b, x_fp in zip(self.branches, q, fp, xs_fp):
+        for (task, scale), a, b, x_fp, m in zip(self.branches, q, fp, xs_fp, masks):
             # a class unit's float output already is the float class branch at this scale
             w = self._max_score(b) if task == "cls" else self._confidence(scale, x_fp)
+            if m is not None:
+                w = w * m.flatten(1)
             norm = w.sum().clamp_min(1e-6)
             if task == "box":
                 iou = yolo.box_iou_pairs(yolo.decode_boxes(self.qmodel, a, scale),
@@ -261,10 +326,12 @@ class UnitTrainer:
         opt = torch.optim.Adam(self.setup())
         beta = BetaSchedule(self.cfg.iters, self.cfg.warmup)
         align = max(self.imgsz // x[0].shape[-1] for x in ins_q)
+        margin = receptive_margin(self.fp_mods, ins_fp, self.imgsz) if self.cfg.context else 0
         parts = {}
         for t in range(self.cfg.iters):
-            boxes = _crop_boxes(gen, self.cfg.batch, self.imgsz, self.cfg.crop, align)
-            loss, parts = self.loss([_cut(x, boxes, self.imgsz) for x in ins_q], [_cut(x, boxes, self.imgsz) for x in ins_fp])
+            boxes = _crop_boxes(gen, self.cfg.batch, self.imgsz, self.cfg.crop, align, margin)
+            crops_q, crops_fp = ([_cut(x, boxes, self.imgsz) for x in ins] for ins in (ins_q, ins_fp))
+            loss, parts = self.loss(crops_q, crops_fp, boxes)
             b = beta(t)
             if b is not None:
                 reg = self.cfg.round_weight * sum(m.rounding.regularizer(b) for m in self.convs)
