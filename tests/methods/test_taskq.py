@@ -258,3 +258,8 @@ def test_crop_margins_stay_inside_the_image_and_score_the_crop_side():
     assert {b[3:] for b in taskq._crop_boxes(gen, 5, 640, 160, 32, 400)} == {(640, (0, 0, 640, 640))}
     for _, y0, x0, side, scored in taskq._crop_boxes(gen, 20, 640, 160, 32, 0):
         assert side == 160 and scored == (y0, x0, y0 + 160, x0 + 160)
+
+
+def test_reconstruction_with_crop_context_lowers_the_loss(nearest_qckpt, images_dir):
+    _, rep = _finetune(nearest_qckpt, images_dir, iters=20, context=True)
+    assert sum(u["loss_after"] for u in rep["units"]) < 0.9 * sum(u["loss_before"] for u in rep["units"])
