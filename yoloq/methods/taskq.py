@@ -48,7 +48,7 @@ class TaskQConfig:
     crop: int = 160  # crop side in input pixels (rounded to the largest stride)
     # True: crops carry the unit's receptive-field margin as context and the loss skips the cells that see a crop
     # edge (zero padding no whole map has). Off by default: it fit the calibration images better but not held-out
-    # ones, at 25% more time (docs/methods.md)
+    # ones, at 45% more time (docs/methods.md)
     context: bool = False
     seed: int = 0
     sparse: bool = True  # sparse outlier branch on the SiLU outputs where it pays
