@@ -332,7 +332,7 @@ class UnitTrainer:
         for t in range(self.cfg.iters):
             boxes = _crop_boxes(gen, self.cfg.batch, self.imgsz, self.cfg.crop, align, margin)
             crops_q, crops_fp = ([_cut(x, boxes, self.imgsz) for x in ins] for ins in (ins_q, ins_fp))
-            loss, parts = self.loss(crops_q, crops_fp, boxes)
+            loss, parts = self.loss(crops_q, crops_fp, boxes if margin else None)  # no margin: every cell counts
             b = beta(t)
             if b is not None:
                 reg = self.cfg.round_weight * sum(m.rounding.regularizer(b) for m in self.convs)
