@@ -54,8 +54,8 @@ def main() -> None:
         k, _, v = kv.partition("=")
         if k not in defaults:
             ap.error(f"--set {k}: TaskQConfig has no such field")
-        # YAML reads 1e-3 as a string: cast to the field's type
-        over[k] = type(defaults[k])(yaml.safe_load(v))
+        # YAML reads 1e-3 as a string: cast to the field's type (fields left to the bit width default to None)
+        over[k] = yaml.safe_load(v) if defaults[k] is None else type(defaults[k])(yaml.safe_load(v))
     cfg = TaskQConfig.preset(args.method, **over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,28 @@ def test_default_rounding_regulariser_ends_with_the_hard_rounding_near_the_soft_
     assert hard < weak_hard and hard < 0.98 * nearest
 
 
+def test_crop_context_defaults_on_at_8_bit_activations_only():
+    assert TaskQConfig().for_bits(8).context is True
+    assert TaskQConfig().for_bits(4).context is False
+    assert TaskQConfig(context=False).for_bits(8).context is False
+    assert TaskQConfig(context=True).for_bits(4).context is True
+    # the baselines stay as their papers have them
+    assert all(TaskQConfig.preset(m).for_bits(8).context is False for m in ("block-mse", "qdrop", "adaround"))
+
+
+def test_finetune_decides_crop_context_from_the_activation_bits(nearest_qckpt, lively_model, images_dir, tmp_path,
+                                                               monkeypatch):
+    a8 = api.save(api.calibrate(lively_model, str(images_dir), Recipe(4, 8, "minmax", bias_correction=False,
+                                                                       weight_rounding="nearest", images=1, imgsz=SZ)),
+                  tmp_path / "w4a8.qpt")
+    seen = []
+    monkeypatch.setattr(taskq, "reconstruct", lambda qmodel, fp, images, cfg, *a: seen.append(cfg.context) or [])
+    for ckpt, a8_ in ((a8, True), (nearest_qckpt, False)):
+        qm, _ = api.finetune(str(ckpt), str(images_dir), TaskQConfig(**TINY, sparse=False), images=1)
+        assert qm.provenance["history"][-1]["context"] is a8_
+    assert seen == [True, False]
+
+
 def test_crops_score_only_the_cells_whose_context_is_real():
     from ultralytics.nn.modules import SPPF, C2f
 
