@@ -23,6 +23,7 @@ are rebuilt with the same operations in the same order.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -152,14 +153,14 @@ def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int,
     m = -(-margin // align) * align
     full = min(imgsz // align * align, side + 2 * m)
     cells = (imgsz - full) // align + 1
+
+    def inner(a0):
+        return (a0 if a0 == 0 else a0 + m), (a0 + full if a0 + full >= imgsz else a0 + full - m)
+
     out = []
     for _ in range(n):
         r = torch.randint(0, 1 << 30, (3,), generator=gen).tolist()
         y0, x0 = (r[1] % cells) * align, (r[2] % cells) * align
-
-        def inner(a0):
-            return (a0 if a0 == 0 else a0 + m), (a0 + full if a0 + full >= imgsz else a0 + full - m)
-
         (sy0, sy1), (sx0, sx1) = inner(y0), inner(x0)
         out.append((r[0], y0, x0, full, (sy0, sx0, sy1, sx1)))
     return out
@@ -207,7 +208,7 @@ def receptive_margin(fp_mods: list[nn.Module], ins_fp: list[list[torch.Tensor]],
         finally:
             for h in hooks:
                 h.remove()
-    return int(-(-max(reach) // 1))
+    return math.ceil(max(reach))
 
 
 def _pair(v) -> tuple[int, ...]:
