@@ -282,6 +282,50 @@ def test_crop_margins_stay_inside_the_image_and_score_the_crop_side():
         assert side == 160 and scored == (y0, x0, y0 + 160, x0 + 160)
 
 
-def test_reconstruction_with_crop_context_lowers_the_loss(nearest_qckpt, images_dir):
-    _, rep = _finetune(nearest_qckpt, images_dir, iters=20, context=True)
+def test_reconstruction_with_crop_context_and_sensitivity_weights_lowers_the_loss(nearest_qckpt, images_dir):
+    _, rep = _finetune(nearest_qckpt, images_dir, iters=20, context=True, sensitivity=1.0)
     assert sum(u["loss_after"] for u in rep["units"]) < 0.9 * sum(u["loss_before"] for u in rep["units"])
+
+
+def _detections_and_outputs(model, x):
+    from yoloq.model import yolo
+
+    src, hi = yolo.layer_sources(model), len(model.model) - 1
+    outs = {-1: x.clone().requires_grad_(True)}
+    for i in range(hi):
+        outs[i] = yolo.run_layer(model, i, [outs[j] for j in src[i]])
+    br = yolo.head_branches(model)
+    head = {(t, s): br[t][s](outs[j]) for s, j in enumerate(src[hi]) for t in ("box", "cls")}
+    return taskq._detections(model, head), outs, head
+
+
+def test_sensitivity_weights_estimate_the_gauss_newton_diagonal_of_the_detections():
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from yoloq.model import yolo
+
+    torch.manual_seed(0)
+    model = yolo.model_from_yaml({**yaml_model_load("yolov8n.yaml"), "nc": 1}, {0: "a"}).eval()  # a small Jacobian
+    for p in model.parameters():
+        p.requires_grad_(False)
+    units = yolo.reconstruction_units(model)
+    x = torch.rand(1, 3, 32, 32)
+    est = taskq.output_sensitivity(model, units, [x], probes=32, mix=1.0, seed=0)
+    g, outs, head = _detections_and_outputs(model, x)
+    for unit, z in ((units[-7], outs[21]), (units[-2], head[("box", 2)])):
+        exact = torch.zeros_like(z)
+        for k in range(g.numel()):  # diag(JᵀJ), one row of J at a time
+            exact += torch.autograd.grad(g[k], z, retain_graph=True)[0] ** 2
+        w = est[unit.name][0][0].float()
+        assert w.shape == z.shape
+        rel = float((w - exact / exact.mean()).abs().sum() / (exact / exact.mean()).sum())
+        assert rel < 0.15, (unit.name, rel)
+    # the class scores' own weights are exact with any probe: sigmoid'(logit)^2, normalised
+    c = head[("cls", 0)].detach()
+    exact = torch.sigmoid(c) * torch.sigmoid(-c)
+    assert torch.allclose(est[units[-5].name][0][0].float(), exact ** 2 / (exact ** 2).mean(), rtol=0.02)
+    with pytest.raises(YoloqError, match="sensitivity"):
+        TaskQConfig.preset("adaround", sensitivity=1.0)
+    # mixed with plain weights: (1 - mix) + mix * w
+    half = taskq.output_sensitivity(model, units, [x], probes=32, mix=0.5, seed=0)
+    assert torch.allclose(half[units[4].name][0][0].float(), 0.5 + 0.5 * est[units[4].name][0][0].float(), rtol=0.02)

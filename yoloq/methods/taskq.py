@@ -62,6 +62,11 @@ class TaskQConfig:
     layer_wise: bool = False  # one conv at a time (AdaRound) instead of blocks
     learn_steps: bool = True  # learn weight and activation step sizes (LSQ) with the rounding
     drop_prob: float = 0.0  # QDrop
+    # share of the reconstruction loss weighted, element by element, by how much each unit output moves the
+    # detections (the Gauss-Newton diagonal of the float model's scores and size-relative boxes, by random probes;
+    # BRECQ's Fisher weighting without labels): 0 plain MSE, 1 fully weighted
+    sensitivity: float = 0.0
+    sensitivity_probes: int = 2  # random probes per image for that diagonal
     # lambda of the rounding regulariser; at AdaRound's 0.01 the hard rounding ended far from the soft one here
     round_weight: float = 1.0
     warmup: float = 0.2  # share of steps without the regulariser
@@ -85,6 +90,12 @@ class TaskQConfig:
             raise YoloqError(f"val_images must be at least 0, got {self.val_images}")
         if not 0 <= self.drop_prob < 1:
             raise YoloqError(f"drop probability must be in [0, 1), got {self.drop_prob}")
+        if not 0 <= self.sensitivity <= 1:
+            raise YoloqError(f"sensitivity must be in [0, 1], got {self.sensitivity}")
+        if self.sensitivity_probes < 1:
+            raise YoloqError(f"sensitivity_probes must be at least 1, got {self.sensitivity_probes}")
+        if self.sensitivity and self.layer_wise:
+            raise YoloqError("sensitivity weighting needs block units; it does not apply to layer-wise (adaround)")
 
     @classmethod
     def preset(cls, method: str, **overrides) -> "TaskQConfig":
@@ -219,6 +230,67 @@ def _weighted_mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return x.mean() if w is None else (x * w).sum() / w.sum().clamp_min(1)
 
 
+# ---- sensitivity weights -------------------------------------------------------------------------------------------
+Weights = dict[str, list[list[torch.Tensor]]]  # unit name -> per output -> per image
+
+
+def _detections(fpmodel, head: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
+    """What the detections are made of, flat: per anchor every class score, and the box corners in units of the
+    float box's size, times the float confidence (a box error matters as it moves IoU, and only where there is an
+    object)."""
+    g = []
+    for s in range(len(head) // 2):
+        box, cls = yolo.decode_boxes(fpmodel, head[("box", s)], s), head[("cls", s)]
+        size = (box[..., 2:] - box[..., :2]).detach().clamp_min(1.0).repeat(1, 1, 2)
+        conf = cls.detach().sigmoid().amax(1).flatten(1)[..., None]
+        g += [(box / size * conf).flatten(), cls.sigmoid().flatten()]
+    return torch.cat(g)
+
+
+def output_sensitivity(fpmodel, units: list[yolo.Unit], images: list[torch.Tensor], probes: int, mix: float,
+                       seed: int, on_image=None) -> Weights:
+    """Per unit output and image, how much each element moves the detections g: the diagonal of JᵀJ (J the
+    Jacobian of g with respect to that output, all later layers float), estimated as the mean of (Jᵀr)² over
+    Rademacher probes r, since E[(Jᵀr)²] = diag(JᵀJ). A unit's squared error weighted by it is the diagonal
+    (Gauss-Newton) approximation of the error it causes in g. Each output's weights are divided by their mean over
+    all images and mixed with plain ones: (1 - mix) + mix * w / mean(w)."""
+    sources = yolo.layer_sources(fpmodel)
+    head_idx = len(fpmodel.model) - 1
+    branches = yolo.head_branches(fpmodel)
+    gen = torch.Generator().manual_seed(seed)
+    raw: Weights = {u.name: [[] for _ in u.paths] for u in units}
+    for x in images:
+        with torch.enable_grad():
+            outs = {-1: x.detach().requires_grad_(True)}
+            for i in range(head_idx):
+                outs[i] = yolo.run_layer(fpmodel, i, [outs[j] for j in sources[i]])
+            head = {(t, s): branches[t][s](outs[j]) for s, j in enumerate(sources[head_idx]) for t in ("box", "cls")}
+            wanted = {u.name: [head[b] for b in u.branches] if u.is_head else [outs[_layer_index(u)]] for u in units}
+            for t in (t for ts in wanted.values() for t in ts):
+                t.retain_grad()
+            g = _detections(fpmodel, head)
+            acc = {name: [torch.zeros_like(t) for t in ts] for name, ts in wanted.items()}
+            for k in range(probes):
+                for t in (t for ts in wanted.values() for t in ts):
+                    t.grad = None
+                r = torch.randint(0, 2, g.shape, generator=gen).to(g.dtype) * 2 - 1
+                g.backward(r, retain_graph=k < probes - 1)
+                for name, ts in wanted.items():
+                    for a, t in zip(acc[name], ts):
+                        a += t.grad.detach() ** 2 / probes
+        for name, per_out in acc.items():
+            for k, a in enumerate(per_out):
+                raw[name][k].append(a)
+        if on_image:
+            on_image()
+    for per_out in raw.values():
+        for k, ws in enumerate(per_out):
+            mean = sum(float(w.sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
+            # bfloat16: the maps hold as many elements as the feature cache, and weights need no more precision
+            per_out[k] = [((1 - mix) + mix * w / max(mean, 1e-30)).to(torch.bfloat16) for w in ws]
+    return raw
+
+
 # ---- one unit --------------------------------------------------------------------------------------------------------
 class UnitTrainer:
     """Reconstruct one unit: modules q_mods[k] (quantized) and fp_mods[k] (float) on inputs k."""
@@ -237,11 +309,14 @@ class UnitTrainer:
             fp = [m(x) for m, x in zip(self.fp_mods, xs_fp)]
         return q, fp
 
-    def loss(self, xs_q, xs_fp, boxes: list[Box] | None = None) -> tuple[torch.Tensor, dict]:
-        """On whole maps, or on crops (`boxes`), where only each crop's scored cells count."""
+    def loss(self, xs_q, xs_fp, boxes: list[Box] | None = None, ws=None) -> tuple[torch.Tensor, dict]:
+        """On whole maps, or on crops (`boxes`), where only each crop's scored cells count; `ws`: per output, the
+        element weights of the sensitivity weighting (None: plain squared error)."""
         q, fp = self.outputs(xs_q, xs_fp)
         masks = [None if boxes is None else _scored_cells(a, boxes) for a in q]
-        rec = sum(_weighted_mean(((a - b) ** 2).sum(1), m) for a, b, m in zip(q, fp, masks))
+        ws = ws or [None] * len(q)
+        rec = sum(_weighted_mean((((a - b) ** 2) * (1 if w is None else w)).sum(1), m)
+                  for a, b, m, w in zip(q, fp, masks, ws))
         parts = {"rec": float(rec.detach())}
         if self.cfg.dtr and self.branches:
             dtr = self._dtr(q, fp, xs_fp, masks)
@@ -280,10 +355,11 @@ class UnitTrainer:
         return total
 
     @torch.no_grad()
-    def evaluate(self, ins_q, ins_fp) -> float:
+    def evaluate(self, ins_q, ins_fp, ws=None) -> float:
         """Mean loss over whole feature maps of the first eval_images images (hard rounding if baked)."""
         n = min(self.cfg.eval_images, len(ins_q[0]))
-        vals = [float(self.loss([x[k] for x in ins_q], [x[k] for x in ins_fp])[0]) for k in range(n)]
+        vals = [float(self.loss([x[k] for x in ins_q], [x[k] for x in ins_fp], None,
+                                ws and [w[k] for w in ws])[0]) for k in range(n)]
         return sum(vals) / len(vals)
 
     # -- training --
@@ -315,18 +391,21 @@ class UnitTrainer:
             if m.conv.bias is not None:
                 m.conv.bias.requires_grad_(False)
 
-    def train(self, ins_q, ins_fp, seed: int, on_step=None, n_train: int | None = None) -> dict:
+    def train(self, ins_q, ins_fp, seed: int, on_step=None, n_train: int | None = None, ws=None) -> dict:
         """Crops come from the first n_train images (all by default); the loss before and after, which decides
-        whether the unit keeps its training, is measured on the images after them when there are any."""
+        whether the unit keeps its training, is measured on the images after them when there are any. `ws`: per
+        output, per image, the sensitivity weights (None: plain squared error)."""
         from yoloq.core.adaround import BetaSchedule
 
         t0 = time.perf_counter()
         n_train = len(ins_q[0]) if n_train is None else n_train
         held = n_train < len(ins_q[0])
         judge_q, judge_fp = ([x[n_train:] for x in ins_q], [x[n_train:] for x in ins_fp]) if held else (ins_q, ins_fp)
+        judge_w = ws and ([w[n_train:] for w in ws] if held else ws)
         ins_q, ins_fp = [x[:n_train] for x in ins_q], [x[:n_train] for x in ins_fp]
-        before = self.evaluate(judge_q, judge_fp)
-        train_before = self.evaluate(ins_q, ins_fp) if held else before
+        ws = ws and [w[:n_train] for w in ws]
+        before = self.evaluate(judge_q, judge_fp, judge_w)
+        train_before = self.evaluate(ins_q, ins_fp, ws) if held else before
         start = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.q_mods]
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # QDrop masks
@@ -338,7 +417,9 @@ class UnitTrainer:
         for t in range(self.cfg.iters):
             boxes = _crop_boxes(gen, self.cfg.batch, self.imgsz, self.cfg.crop, align, margin)
             crops_q, crops_fp = ([_cut(x, boxes, self.imgsz) for x in ins] for ins in (ins_q, ins_fp))
-            loss, parts = self.loss(crops_q, crops_fp, boxes if margin else None)  # no margin: every cell counts
+            crops_w = ws and [_cut(w, boxes, self.imgsz) for w in ws]
+            # no margin: every cell counts
+            loss, parts = self.loss(crops_q, crops_fp, boxes if margin else None, crops_w)
             b = beta(t)
             if b is not None:
                 reg = self.cfg.round_weight * sum(m.rounding.regularizer(b) for m in self.convs)
@@ -354,8 +435,9 @@ class UnitTrainer:
             if on_step:
                 on_step(parts)
         self.finish()
-        after = trained = self.evaluate(judge_q, judge_fp)
-        extra = {"train_loss_before": train_before, "train_loss_after": self.evaluate(ins_q, ins_fp)} if held else {}
+        after = trained = self.evaluate(judge_q, judge_fp, judge_w)
+        extra = ({"train_loss_before": train_before, "train_loss_after": self.evaluate(ins_q, ins_fp, ws)}
+                 if held else {})
         kept = after <= before
         if not kept:  # a short schedule can end worse than it started (measured on whole maps): keep the start
             for m, sd in zip(self.q_mods, start):
@@ -411,6 +493,12 @@ def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, i
     reports = list(state.reports) if state else []
     layer_done = -1
     with progress() as bar, hide_on_error(bar) as task:
+        weights = None
+        if cfg.sensitivity > 0:
+            bar.update(task, total=len(images), description="sensitivity")
+            weights = output_sensitivity(fpmodel, units, images, cfg.sensitivity_probes, cfg.sensitivity, cfg.seed,
+                                         lambda: bar.update(task, advance=1))
+            bar.update(task, completed=0)
         bar.update(task, total=len(units), description=cfg.method)
         for k, unit in enumerate(units):
             i = _layer_index(unit)
@@ -426,7 +514,7 @@ def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, i
                     bar.update(step, advance=1, info=" ".join(f"{k}={v:.4g}" for k, v in parts.items()))
 
                 reports.append(_train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed=cfg.seed * 100003 + k,
-                                           on_step=on_step))
+                                           on_step=on_step, ws=weights and weights[unit.name]))
                 bar.update(step, visible=False)
                 if state:
                     state.save(qmodel, k + 1, reports)
@@ -441,7 +529,7 @@ def _convs_of(qmodel, unit) -> list[QConv2d]:
     return [m for p in unit.paths for m in qmodel.get_submodule(p).modules() if isinstance(m, QConv2d)]
 
 
-def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict:
+def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step, ws=None) -> dict:
     n_train = len(cache.out["fp"][-1]) - cfg.val_images
     if unit.is_head:
         q_mods = [qmodel.get_submodule(p) for p in unit.paths]
@@ -462,7 +550,8 @@ def _train_unit(cfg, qmodel, fpmodel, unit, cache, imgsz, seed, on_step) -> dict
                 parts.append(trainer.train(iq2, ifp2, seed * 31 + 7 * b + n, on_step, n_train))
         return {"unit": unit.name, "loss_before": sum(p["loss_before"] for p in parts),
                 "loss_after": sum(p["loss_after"] for p in parts), "seconds": sum(p["seconds"] for p in parts)}
-    r = UnitTrainer(cfg, qmodel, fpmodel, unit, q_mods, fp_mods, imgsz).train(ins_q, ins_fp, seed, on_step, n_train)
+    trainer = UnitTrainer(cfg, qmodel, fpmodel, unit, q_mods, fp_mods, imgsz)
+    r = trainer.train(ins_q, ins_fp, seed, on_step, n_train, ws)
     return {"unit": unit.name, **r}
 
 
