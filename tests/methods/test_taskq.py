@@ -224,16 +224,17 @@ def test_default_rounding_regulariser_ends_with_the_hard_rounding_near_the_soft_
     assert hard < weak_hard and hard < 0.98 * nearest
 
 
-def test_crop_context_defaults_on_at_8_bit_activations_only():
-    assert TaskQConfig().for_bits(8).context is True
-    assert TaskQConfig().for_bits(4).context is False
-    assert TaskQConfig(context=False).for_bits(8).context is False
-    assert TaskQConfig(context=True).for_bits(4).context is True
+def test_crop_context_defaults_on_at_8_bit_activations_and_sensitivity_weights_below():
+    a8, a4 = TaskQConfig().for_bits(8), TaskQConfig().for_bits(4)
+    assert (a8.context, a8.sensitivity) == (True, 0.0) and (a4.context, a4.sensitivity) == (False, 1.0)
+    set_ = TaskQConfig(context=False, sensitivity=0.5)
+    assert (set_.for_bits(8).context, set_.for_bits(4).sensitivity) == (False, 0.5)
     # the baselines stay as their papers have them
-    assert all(TaskQConfig.preset(m).for_bits(8).context is False for m in ("block-mse", "qdrop", "adaround"))
+    for m in ("block-mse", "qdrop", "adaround"):
+        assert (TaskQConfig.preset(m).for_bits(8).context, TaskQConfig.preset(m).for_bits(4).sensitivity) == (False, 0)
 
 
-def test_finetune_decides_crop_context_from_the_activation_bits(nearest_qckpt, lively_model, images_dir, tmp_path,
+def test_finetune_decides_context_and_sensitivity_from_the_activation_bits(nearest_qckpt, lively_model, images_dir, tmp_path,
                                                                monkeypatch):
     a8 = api.save(api.calibrate(lively_model, str(images_dir), Recipe(4, 8, "minmax", bias_correction=False,
                                                                        weight_rounding="nearest", images=1, imgsz=SZ)),
@@ -243,6 +244,7 @@ def test_finetune_decides_crop_context_from_the_activation_bits(nearest_qckpt, l
     for ckpt, a8_ in ((a8, True), (nearest_qckpt, False)):
         qm, _ = api.finetune(str(ckpt), str(images_dir), TaskQConfig(**TINY, sparse=False), images=1)
         assert qm.provenance["history"][-1]["context"] is a8_
+        assert qm.provenance["history"][-1]["sensitivity"] == (0.0 if a8_ else 1.0)
     assert seen == [True, False]
 
 
@@ -282,8 +284,8 @@ def test_crop_margins_stay_inside_the_image_and_score_the_crop_side():
         assert side == 160 and scored == (y0, x0, y0 + 160, x0 + 160)
 
 
-def test_reconstruction_with_crop_context_and_sensitivity_weights_lowers_the_loss(nearest_qckpt, images_dir):
-    _, rep = _finetune(nearest_qckpt, images_dir, iters=20, context=True, sensitivity=1.0)
+def test_reconstruction_with_crop_context_and_plain_weights_lowers_the_loss(nearest_qckpt, images_dir):
+    _, rep = _finetune(nearest_qckpt, images_dir, iters=20, context=True, sensitivity=0.0)
     assert sum(u["loss_after"] for u in rep["units"]) < 0.9 * sum(u["loss_before"] for u in rep["units"])
 
 
