@@ -234,8 +234,8 @@ def test_crop_context_defaults_on_at_8_bit_activations_and_sensitivity_weights_b
         assert (TaskQConfig.preset(m).for_bits(8).context, TaskQConfig.preset(m).for_bits(4).sensitivity) == (False, 0)
 
 
-def test_finetune_decides_context_and_sensitivity_from_the_activation_bits(nearest_qckpt, lively_model, images_dir, tmp_path,
-                                                               monkeypatch):
+def test_finetune_decides_context_and_sensitivity_from_the_activation_bits(nearest_qckpt, lively_model, images_dir,
+                                                                          tmp_path, monkeypatch):
     a8 = api.save(api.calibrate(lively_model, str(images_dir), Recipe(4, 8, "minmax", bias_correction=False,
                                                                        weight_rounding="nearest", images=1, imgsz=SZ)),
                   tmp_path / "w4a8.qpt")
