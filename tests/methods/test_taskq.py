@@ -331,3 +331,12 @@ def test_sensitivity_weights_estimate_the_gauss_newton_diagonal_of_the_detection
     # mixed with plain weights: (1 - mix) + mix * w
     half = taskq.output_sensitivity(model, units, [x], probes=32, mix=0.5, seed=0)
     assert torch.allclose(half[units[4].name][0][0].float(), 0.5 + 0.5 * est[units[4].name][0][0].float(), rtol=0.02)
+
+
+def test_units_are_judged_on_the_images_that_carry_their_sensitivity_weight():
+    # two outputs: a large one whose weight sum favours image 0, a small one whose mean weight favours image 2
+    big = [torch.full((1, 8, 16, 16), v) for v in (1.2, 1.0, 0.8)]
+    small = [torch.full((1, 2, 2, 2), v) for v in (0.1, 0.5, 2.4)]
+    assert taskq.heaviest_images([big, small], 2) == [2, 1]
+    assert taskq.heaviest_images([big], 2) == [0, 1]
+    assert taskq.heaviest_images([big, small], 9) == [2, 1, 0]
