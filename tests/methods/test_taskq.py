@@ -64,6 +64,30 @@ def test_units_are_judged_on_the_images_they_did_not_train_on(nearest_qckpt, ima
         api.finetune(str(nearest_qckpt), str(images_dir), TaskQConfig(val_images=2, **TINY, sparse=False), images=2)
 
 
+def test_flip_adds_the_mirror_of_every_training_image_and_keeps_the_judged_ones_last(nearest_qckpt, images_dir,
+                                                                                     monkeypatch):
+    seen = []
+
+    class Spy(taskq.FeatureCache):
+        def __init__(self, q, fp, images):
+            seen.append(list(images))
+            super().__init__(q, fp, images)
+
+    monkeypatch.setattr(taskq, "FeatureCache", Spy)
+    cfg = TaskQConfig(**TINY, sparse=False, iters=1, val_images=1, sensitivity=0.0, flip=True)
+    api.finetune(str(nearest_qckpt), str(images_dir), cfg, images=3)
+    from yoloq.data.datasets import iter_batches, resolve_data
+
+    plain = [x for _, _, x in iter_batches(resolve_data(str(images_dir)).take(3), SZ)]
+    (flipped,) = seen
+    assert len(plain) == 3 and len(flipped) == 5
+    for a, b in zip(flipped[:2], plain[:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(flipped[2:4], plain[:2]):
+        assert torch.equal(a, b.flip(-1)) and not torch.equal(a, b)
+    assert torch.equal(flipped[4], plain[2])  # the judged image is not mirrored, and stays last
+
+
 def _biases(qm) -> dict[str, torch.Tensor]:
     from yoloq.core.modules import QConv2d
 

@@ -85,6 +85,9 @@ class TaskQConfig:
     # the last val_images calibration images are not trained on: each unit's loss is judged on them (a unit that
     # ends worse there is put back), so the keep-or-revert decision sees overfitting; 0: judged on training images
     val_images: int = 0
+    # also train on the mirror image of every training image (as Ultralytics trains with fliplr): twice the data
+    # for the same steps; the caches and the sensitivity weights cost twice as much
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in PRESETS:
@@ -508,6 +511,9 @@ def reconstruct(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig, i
     """Fine-tune qmodel in place, unit by unit. Returns a report per unit."""
     if cfg.val_images >= len(images):
         raise YoloqError(f"val_images ({cfg.val_images}) must leave some of the {len(images)} images to train on")
+    if cfg.flip:
+        train = images[: len(images) - cfg.val_images]
+        images = train + [x.flip(-1) for x in train] + images[len(train):]
     units = yolo.reconstruction_units(qmodel, head_wise=cfg.stahq)
     cache = FeatureCache(qmodel, fpmodel, images)
     done = state.done if state else 0
