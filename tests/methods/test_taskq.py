@@ -170,6 +170,29 @@ def test_sparse_placement_takes_the_largest_head_error_cuts_within_the_budget(ne
             assert r["head_gain"] <= min(c["head_gain"] for c in chosen) or r["elements"] > room
 
 
+def test_sparse_placement_judges_a_split_by_the_detections_it_moves(lively_model):
+    """The placement's error reads decoded boxes and scores where the float model is confident, not raw maps: a
+    change at anchors with no float confidence costs nothing, the same change at a confident anchor does."""
+    from yoloq.methods.taskq import _detection_error, _head_outputs
+
+    fp = api.load_float(lively_model).eval()
+    with torch.no_grad():
+        ref = _head_outputs(fp, [torch.rand(1, 3, SZ, SZ, generator=torch.Generator().manual_seed(0))])
+    assert sorted(ref[0]) == [(t, s) for t in ("box", "cls") for s in range(3)]
+    ref[0][("cls", 0)][..., 0, 0] = 4.0  # one confident anchor (sigmoid 0.98); the rest keep their prior, near 0
+    for k in (1, 2):
+        ref[0][("cls", k)].fill_(-30.0)  # P4, P5: nothing there
+    assert _detection_error(fp, ref, ref) == 0.0
+
+    def moved(scale, y, x):
+        q = [{k: v.clone() for k, v in ref[0].items()}]
+        q[0][("box", scale)][..., y, x] += torch.linspace(-6, 6, q[0][("box", scale)].shape[1])[None]  # DFL logits
+        return _detection_error(fp, q, ref)
+
+    assert moved(1, 0, 0) < 1e-9  # no float confidence at P4: raw maps changed, detections not
+    assert moved(0, 0, 0) > 100 * max(moved(0, 1, 1), 1e-9) > 0  # the confident anchor outweighs a background one
+
+
 def test_sparse_branch_round_trips_and_exports_with_parity(nearest_qckpt, images_dir, tmp_path):
     qm, rep = _finetune(nearest_qckpt, images_dir, iters=2, sparse=True, sparse_min_gain=-1.0, sparse_budget=1.0,
                         sparse_max=2)

@@ -59,3 +59,24 @@ def test_plain_iou_of_box_pairs():
     a = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
     b = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10]])
     assert torch.allclose(yolo.box_iou_pairs(a, b), torch.tensor([1.0, 1 / 3]), atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_running_the_layers_from_a_cache_gives_the_model_output(fam):
+    m = api.load_float(fam).eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def head(ys):
+        return ys[-1][0] if isinstance(ys[-1], tuple | list) else ys[-1]
+
+    with torch.no_grad():
+        ys = yolo.run_layers(m, x)
+        assert len(ys) == len(m.model)
+        assert torch.allclose(head(ys), yolo.forward_raw(m, x))
+        assert torch.allclose(head(yolo.run_layers(m, x, ys, 3)), head(ys))
+        # layers before `start` come from the cache as given, the later ones are run on them
+        stale = list(ys)
+        stale[2] = torch.zeros_like(ys[2])
+        again = yolo.run_layers(m, x, stale, 3)
+    assert again[2] is stale[2]
+    assert not torch.allclose(again[3], ys[3])

@@ -400,6 +400,15 @@ def run_layer(model: DetectionModel, i: int, inputs: list[torch.Tensor]) -> torc
     return m(inputs if isinstance(m.f, list) else inputs[0])
 
 
+def run_layers(model: DetectionModel, x: torch.Tensor, outputs: list | None = None, start: int = 0) -> list:
+    """Every layer's output on image x, as the model's own forward computes them, with layers before `start` taken
+    from `outputs` (an earlier call's result) instead of being run again."""
+    sources, ys = layer_sources(model), list(outputs[:start]) if start else []
+    for i in range(start, len(model.model)):
+        ys.append(run_layer(model, i, [x if j == -1 else ys[j] for j in sources[i]]))
+    return ys
+
+
 def reconstruction_units(model: DetectionModel, head_wise: bool = True) -> list[Unit]:
     """Trunk layers that have convs, in order, then the Detect head: six units (box and class branch at each
     of three scales) with head_wise, else one unit with all branches."""
