@@ -207,7 +207,7 @@ def _finetune_taskq(model, data, cfg, out, b, images, imgsz, json_out) -> None:
     Console().print(table(f"yoloq finetune {cfg.method} {qm.recipe.name}", ["unit", "loss before", "loss after", "s"], rows))
     chosen = [r for r in rep["sparse"] if r["chosen"]]
     for r in chosen:
-        typer.echo(f"sparse branch: {r['tensor']} (head error -{100 * r['head_gain']:.0f}%, own error "
+        typer.echo(f"sparse branch: {r['tensor']} (detection error -{100 * r['head_gain']:.0f}%, own error "
                    f"-{100 * r['gain']:.0f}%, outliers {100 * r['outlier_fraction']:.2f}%)")
     if json_out:
         _write_json(json_out, rep)

@@ -149,7 +149,7 @@ def test_resume_refuses_a_state_from_other_settings(nearest_qckpt, images_dir, t
         _finetune(nearest_qckpt, images_dir, tmp_path / "m.qpt", iters=5)
 
 
-def test_sparse_placement_takes_the_largest_head_error_cuts_within_the_budget(nearest_qckpt, images_dir):
+def test_sparse_placement_takes_the_largest_detection_error_cuts_within_the_budget(nearest_qckpt, images_dir):
     from yoloq.data.datasets import iter_batches, resolve_data
     from yoloq.methods.taskq import SPARSE_PREFILTER, TaskQConfig, float_reference, place_sparse
 
