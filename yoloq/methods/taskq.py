@@ -750,9 +750,9 @@ def place_sparse(qmodel, fpmodel, images: list[torch.Tensor], cfg: TaskQConfig) 
                      "head_gain": None, "chosen": False})
     probe_images = images[: cfg.eval_images]
     targets = _head_outputs(fpmodel, probe_images)
-    # a split changes nothing before its own layer: those layers' outputs are computed once
+    # a split changes nothing before its own layer: those layers' outputs are computed once (the base included)
     cached = [yolo.run_layers(qmodel, x) for x in probe_images]
-    base = _detection_error(fpmodel, _head_outputs(qmodel, probe_images), targets)
+    base = _detection_error(fpmodel, _head_outputs(qmodel, probe_images, cached, len(qmodel.model) - 1), targets)
     for r in rows:
         if r["gain"] < SPARSE_PREFILTER:
             continue
