@@ -274,9 +274,7 @@ def output_sensitivity(fpmodel, units: list[yolo.Unit], images: list[torch.Tenso
     raw: Weights = {u.name: [[] for _ in u.paths] for u in units}
     for x in images:
         with torch.enable_grad():
-            outs = {-1: x.detach().requires_grad_(True)}
-            for i in range(head_idx):
-                outs[i] = yolo.run_layer(fpmodel, i, [outs[j] for j in sources[i]])
+            outs = yolo.run_layers(fpmodel, x.detach().requires_grad_(True), stop=head_idx)
             head = {(t, s): branches[t][s](outs[j]) for s, j in enumerate(sources[head_idx]) for t in ("box", "cls")}
             wanted = {u.name: [head[b] for b in u.branches] if u.is_head else [outs[_layer_index(u)]] for u in units}
             for t in (t for ts in wanted.values() for t in ts):

@@ -400,11 +400,12 @@ def run_layer(model: DetectionModel, i: int, inputs: list[torch.Tensor]) -> torc
     return m(inputs if isinstance(m.f, list) else inputs[0])
 
 
-def run_layers(model: DetectionModel, x: torch.Tensor, outputs: list | None = None, start: int = 0) -> list:
-    """Every layer's output on image x, as the model's own forward computes them, with layers before `start` taken
-    from `outputs` (an earlier call's result) instead of being run again."""
+def run_layers(model: DetectionModel, x: torch.Tensor, outputs: list | None = None, start: int = 0,
+               stop: int | None = None) -> list:
+    """Every layer's output on image x (layers before `stop`, default all), as the model's own forward computes
+    them, with layers before `start` taken from `outputs` (an earlier call's result) instead of being run again."""
     sources, ys = layer_sources(model), list(outputs[:start]) if start else []
-    for i in range(start, len(model.model)):
+    for i in range(start, len(model.model) if stop is None else stop):
         ys.append(run_layer(model, i, [x if j == -1 else ys[j] for j in sources[i]]))
     return ys
 
