@@ -320,7 +320,7 @@ def test_the_deployed_head_trains_the_whole_trunk(qckpts, labelled, tmp_path, fa
 
 
 def test_device_check_script_finds_the_cpu_agreeing_with_itself(w4a4, images_dir, tmp_path):
-    # scripts/check_qat_device.py compares a device with the CPU (README); against the CPU itself nothing may differ
+    # scripts/check_qat_device.py compares a device with the CPU (docs/benchmarks.md); against the CPU itself nothing may differ
     out = tmp_path / "check.json"
     script = Path(__file__).resolve().parents[2] / "scripts" / "check_qat_device.py"
     r = subprocess.run([sys.executable, str(script), str(w4a4), "--data", str(images_dir), "--other", "cpu",
