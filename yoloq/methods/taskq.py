@@ -86,7 +86,8 @@ class TaskQConfig:
     # ends worse there is put back), so the keep-or-revert decision sees overfitting; 0: judged on training images
     val_images: int = 0
     # also train on the mirror image of every training image (as Ultralytics trains with fliplr): twice the data
-    # for the same steps. W4A4, two seeds: held out 0.649 against 0.672 without, so off (docs/methods.md)
+    # for the same steps. W4A4, two seeds: held out 0.649 against 0.672 without; W4A8 seed 0: 0.860 against 0.889;
+    # so off (docs/methods.md)
     flip: bool = False
 
     def __post_init__(self) -> None:
