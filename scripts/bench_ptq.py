@@ -163,7 +163,7 @@ def main() -> None:
         builders[name] = build
     # fine-tuning rows (TASKQ and the baselines through the same code; the ablations switch one part off)
     finetunes = [("taskq", {}), ("taskq", {"sparse": False}), ("taskq", {"dtr": False}), ("taskq", {"stahq": False}),
-                 ("block-mse", {}), ("qdrop", {})]
+                 ("block-mse", {}), ("brecq", {}), ("qdrop", {})]
     for w, a in ((4, 8), (4, 4)):
         for method, off in finetunes:
             name = f"yoloq W{w}A{a} finetune {method}" + "".join(f" -{k}" for k in off)

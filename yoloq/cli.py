@@ -117,7 +117,7 @@ def finetune(
     wbits: Annotated[Optional[int], typer.Option(help="Weight bits (2-8).")] = None,
     abits: Annotated[Optional[int], typer.Option(help="Activation bits (2-8).")] = None,
     method: Annotated[str, typer.Option(help=(
-        "PTQ reconstruction: taskq | block-mse | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
+        "PTQ reconstruction: taskq | block-mse | brecq | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
     iters: Annotated[Optional[int], typer.Option(help=(
         "taskq & co: optimisation steps per unit (default 1200). hqod/lsq: optimisation steps in all (default 300; "
         "75 from a taskq checkpoint)."))] = None,

@@ -281,6 +281,27 @@ def test_crop_context_defaults_on_at_8_bit_activations_and_sensitivity_weights_b
         assert (TaskQConfig.preset(m).for_bits(8).context, TaskQConfig.preset(m).for_bits(4).sensitivity) == (False, 0)
 
 
+def test_brecq_is_block_mse_with_the_fisher_weights_at_every_bit_width(nearest_qckpt, images_dir, monkeypatch):
+    from dataclasses import replace
+
+    for bits in (8, 4):
+        b, m = TaskQConfig.preset("brecq").for_bits(bits), TaskQConfig.preset("block-mse").for_bits(bits)
+        assert (b.sensitivity, b.stahq, b.context) == (1.0, False, False)
+        assert replace(b, method="block-mse", sensitivity=0.0) == m
+    weighed = []
+    real = taskq.output_sensitivity
+    monkeypatch.setattr(taskq, "output_sensitivity", lambda *a, **k: weighed.append(1) or real(*a, **k))
+    losses = {}
+    for method in ("brecq", "block-mse"):
+        weighed.clear()
+        qm, rep = _finetune(nearest_qckpt, images_dir, method=method, iters=4)
+        assert bool(weighed) is (method == "brecq")
+        assert qm.provenance["history"][-1]["sensitivity"] == (1.0 if method == "brecq" else 0.0)
+        losses[method] = [u["loss_before"] for u in rep["units"]]
+    # the same units judged by another loss: the weighted one is not the plain one
+    assert len(losses["brecq"]) == len(losses["block-mse"]) and losses["brecq"] != losses["block-mse"]
+
+
 def test_finetune_decides_context_and_sensitivity_from_the_activation_bits(nearest_qckpt, lively_model, images_dir,
                                                                           tmp_path, monkeypatch):
     a8 = api.save(api.calibrate(lively_model, str(images_dir), Recipe(4, 8, "minmax", bias_correction=False,

@@ -14,8 +14,9 @@ Phases (see docs/methods.md for the maths and the defaults):
 5. bake: hard rounding written into the weights; the export is the ordinary QDQ path.
 
 The baselines run through the same code: `block-mse` (BRECQ's block reconstruction with plain MSE, no Fisher
-weighting), `qdrop` (block-mse with QDrop's random dropping of activation quantization, p = 0.5) and `adaround`
-(layer-wise: one conv at a time, rounding only).
+weighting), `brecq` (block-mse with the Fisher-diagonal weights of step 3 at every bit width), `qdrop` (block-mse
+with QDrop's random dropping of activation quantization, p = 0.5) and `adaround` (layer-wise: one conv at a time,
+rounding only).
 
 Each finished unit is saved (atomically) to `<out>.partial`, so an interrupted run resumes where it stopped and
 ends with the result an uninterrupted run gives: every unit seeds its own random generator, and the cached features
@@ -128,6 +129,10 @@ _PLAIN = {"context": False, "sensitivity": 0.0}
 PRESETS: dict[str, dict] = {
     "taskq": {},
     "block-mse": {"sparse": False, "dtr": False, "stahq": False, "lr_bias": 0.0, **_PLAIN},
+    # BRECQ: block-mse with its Fisher-diagonal weighting of each block's output error. BRECQ squares the gradients
+    # of the task loss; without labels the Gauss-Newton diagonal of the float model's detections is that Fisher's
+    # expectation under the model's own outputs (the sensitivity weights), so it needs no labels either
+    "brecq": {"sparse": False, "dtr": False, "stahq": False, "lr_bias": 0.0, "context": False, "sensitivity": 1.0},
     "qdrop": {"sparse": False, "dtr": False, "stahq": False, "drop_prob": 0.5, "lr_bias": 0.0, **_PLAIN},
     "adaround": {"sparse": False, "dtr": False, "stahq": False, "layer_wise": True, "learn_steps": False,
                  "lr_bias": 0.0, **_PLAIN},
