@@ -190,7 +190,7 @@ def test_finetune_end_to_end_and_its_bad_inputs(lively_model, images_dir, tmp_pa
     # a switch the method does not have
     assert_clean_error(run("finetune", lively_model, "--data", images_dir, "--method", "adaround", "--no-dtr",
                            "--out", tmp_path / "x.qpt"), "--no-dtr", "taskq")
-    assert_clean_error(run("finetune", lively_model, "--data", images_dir, "--method", "brecq"), "unknown fine-tuning method")
+    assert_clean_error(run("finetune", lively_model, "--data", images_dir, "--method", "gptq"), "unknown fine-tuning method")
     # bits that contradict the checkpoint; a checkpoint whose weights are already rounded
     assert_clean_error(run("finetune", out, "--data", images_dir, "--bits", 8, "--out", tmp_path / "y.qpt"), "bit")
     assert_clean_error(run("finetune", out, "--data", images_dir, "--iters", 1, "--images", 2,
