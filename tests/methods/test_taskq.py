@@ -408,3 +408,44 @@ def test_units_are_judged_on_the_images_that_carry_their_sensitivity_weight():
     assert taskq.heaviest_images([big, small], 2) == [2, 1]
     assert taskq.heaviest_images([big], 2) == [0, 1]
     assert taskq.heaviest_images([big, small], 9) == [2, 1, 0]
+
+
+def test_weighted_crops_hold_the_weight_mass_and_keep_the_expected_loss():
+    gen = torch.Generator().manual_seed(0)
+    imgsz, crop, align = 128, 32, 16
+    # two outputs at strides 8 and 16, weight concentrated on one corner of image 1
+    ws = [[torch.rand(1, 3, 16, 16, generator=gen) * 0.01 for _ in range(3)],
+          [torch.rand(1, 2, 8, 8, generator=gen) * 0.01 for _ in range(3)]]
+    ws[0][1][..., :4, :4] += 5.0
+    sampler = taskq.WeightedCrops(ws, imgsz, crop, align, 0, share=0.5)
+    full, cells, _ = taskq._crop_grid(imgsz, crop, align, 0)
+    assert sampler.mass.numel() == 3 * cells * cells
+    for k in range(sampler.mass.numel()):  # the mass is each output's mean weight inside the crop, summed
+        img, rest = divmod(k, cells * cells)
+        box = [(img, rest // cells * align, rest % cells * align, full, (0, 0, 0, 0))]
+        want = sum(float(taskq._cut(w, box, imgsz).sum(1).mean()) for w in ws)
+        assert sampler.mass[k].item() == pytest.approx(want, rel=1e-4)
+    boxes, ratio = sampler.draw(torch.Generator().manual_seed(1), 2000)
+    heavy = sum(1 for img, y0, x0, *_ in boxes if img == 1 and y0 == 0 and x0 == 0)
+    assert heavy / 2000 > 0.1  # uniform crops would draw this one of 75 candidates 1.3% of the time
+    # importance weights: the expected loss of any per-crop loss is that of uniform crops
+    loss = torch.rand(sampler.q.numel(), generator=gen)
+    assert float((sampler.q * sampler.ratio * loss).sum()) == pytest.approx(float(loss.mean()), rel=1e-5)
+    assert ratio.min() < 0.1 < 1.5 < ratio.max()  # the heavy crop counts less, the light ones more
+    # share 0: uniform
+    flat = taskq.WeightedCrops(ws, imgsz, crop, align, 0, share=0.0)
+    assert torch.allclose(flat.ratio, torch.ones_like(flat.ratio))
+    with pytest.raises(YoloqError, match="weighted_crops"):
+        TaskQConfig(weighted_crops=1.5)
+
+
+def test_low_bit_reconstruction_draws_its_crops_by_weight_by_default(nearest_qckpt, images_dir, monkeypatch):
+    assert (TaskQConfig().weighted_crops, TaskQConfig.preset("brecq").weighted_crops) == (0.5, 0.0)
+    drawn = []
+    real = taskq.WeightedCrops.draw
+    monkeypatch.setattr(taskq.WeightedCrops, "draw", lambda self, gen, n: drawn.append(n) or real(self, gen, n))
+    _, rep = _finetune(nearest_qckpt, images_dir, iters=3)  # W4A4: sensitivity weights on
+    assert drawn == [TINY["batch"]] * 3 * len(rep["units"])
+    drawn.clear()
+    _finetune(nearest_qckpt, images_dir, iters=3, weighted_crops=0.0)
+    assert drawn == []
