@@ -196,6 +196,11 @@ def _crop_grid(imgsz: int, crop: int, align: int, margin: int):
     return full, cells, inner
 
 
+def _box(img: int, y0: int, x0: int, full: int, inner) -> Box:
+    (sy0, sy1), (sx0, sx1) = inner(y0), inner(x0)
+    return img, y0, x0, full, (sy0, sx0, sy1, sx1)
+
+
 def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int, margin: int = 0) -> list[Box]:
     """n (image, y0, x0, side, scored) crops in input pixels, aligned to `align` (the coarsest stride used).
 
@@ -205,9 +210,7 @@ def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int,
     out = []
     for _ in range(n):
         r = torch.randint(0, 1 << 30, (3,), generator=gen).tolist()
-        y0, x0 = (r[1] % cells) * align, (r[2] % cells) * align
-        (sy0, sy1), (sx0, sx1) = inner(y0), inner(x0)
-        out.append((r[0], y0, x0, full, (sy0, sx0, sy1, sx1)))
+        out.append(_box(r[0], (r[1] % cells) * align, (r[2] % cells) * align, full, inner))
     return out
 
 
@@ -245,9 +248,7 @@ class WeightedCrops:
         out = []
         for k in idx.tolist():
             img, rest = divmod(k, self.cells * self.cells)
-            y0, x0 = (rest // self.cells) * self.align, (rest % self.cells) * self.align
-            (sy0, sx0), (sy1, sx1) = zip(self.inner(y0), self.inner(x0))
-            out.append((img, y0, x0, self.full, (sy0, sx0, sy1, sx1)))
+            out.append(_box(img, rest // self.cells * self.align, rest % self.cells * self.align, self.full, self.inner))
         return out, self.ratio[idx]
 
 
