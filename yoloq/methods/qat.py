@@ -72,8 +72,8 @@ class QATConfig:
     device: str = "cpu"
     # how a float model becomes the start of training (a quantized checkpoint is its own start): "taskq", TASKQ
     # reconstruction (start_iters steps per unit, on the first 64 images) and then the steps and size of a TASKQ
-    # start; or "ptq", calibration alone. None: taskq. Demo YOLOv8s W4A4, held out: 0.666 in 28 minutes on 2
-    # cores, against 0.610 from calibration (all 80 images: 0.650 against 0.512; docs/methods.md). 800, not
+    # start; or "ptq", calibration alone. None: taskq. Demo YOLOv8s W4A4, held out: 0.672 in 22 minutes on 2
+    # cores, against 0.610 from calibration (all 80 images: 0.706 against 0.512; docs/methods.md). 800, not
     # TASKQ's own 1200, to fit the whole in 30 minutes
     start: str | None = None
     start_iters: int = 800
