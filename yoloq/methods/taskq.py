@@ -75,8 +75,8 @@ class TaskQConfig:
     sensitivity_probes: int = 2  # random probes per image for that diagonal
     # with sensitivity weights: share of the crops drawn in proportion to the weight they hold, the loss reweighted
     # so that its expectation is unchanged (WeightedCrops); 0: uniform crops. W4A4, 1200 steps, held out / all 80,
-    # two folds: 0.688 / 0.817 and 0.485 / 0.819 against 0.661 / 0.738 and 0.518 / 0.726 with uniform crops (held
-    # out level, all 80 up); at 300 steps, three folds, held out 0.533 against 0.457 (docs/methods.md)
+    # three folds: mean 0.575 / 0.801 against 0.567 / 0.721 with uniform crops (held out level, all 80 up on each
+    # fold); at 300 steps, three folds, held out 0.533 against 0.457 (docs/methods.md)
     weighted_crops: float = 0.5
     # lambda of the rounding regulariser; at AdaRound's 0.01 the hard rounding ended far from the soft one here
     round_weight: float = 1.0
