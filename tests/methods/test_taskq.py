@@ -433,6 +433,19 @@ def test_weighted_crops_hold_the_weight_mass_and_keep_the_expected_loss():
     assert float((sampler.q * sampler.ratio * loss).sum()) == pytest.approx(float(loss.mean()), rel=1e-5)
     assert ratio.min() < 0.1 < 1.5 < ratio.max()  # the heavy crop counts less, the light ones more
     # share 0: uniform
+    # with context, only the scored part of a crop counts: the margin is computed but not in the loss
+    margin = 16
+    ctx = taskq.WeightedCrops(ws, imgsz, crop, align, margin, share=0.5)
+    full, cells, inner = taskq._crop_grid(imgsz, crop, align, margin)
+    for k in range(ctx.mass.numel()):
+        img, rest = divmod(k, cells * cells)
+        box = [taskq._box(img, rest // cells * align, rest % cells * align, full, inner)]
+        want = 0.0
+        for w in ws:
+            cut = taskq._cut(w, box, imgsz).sum(1)
+            scored = taskq._scored_cells(cut, box)
+            want += float((cut * scored).sum() / scored.sum())
+        assert ctx.mass[k].item() == pytest.approx(want, rel=1e-4)
     flat = taskq.WeightedCrops(ws, imgsz, crop, align, 0, share=0.0)
     assert torch.allclose(flat.ratio, torch.ones_like(flat.ratio))
     with pytest.raises(YoloqError, match="weighted_crops"):

@@ -220,17 +220,18 @@ class WeightedCrops:
     With weights concentrated on a few objects, most uniform crops carry almost none, and a step's gradient rests on
     the one or two that do. Drawing crop c with probability q_c = (1 - share) / M + share * mass_c / sum(mass), M
     candidates, and multiplying its loss by (1 / M) / q_c keeps the expected loss that of uniform crops while the
-    steps see the weighted regions far more often. A crop's mass: per unit output, the mean weight inside it, summed
-    over the outputs (as the loss sums them)."""
+    steps see the weighted regions far more often. A crop's mass: per unit output, the mean weight inside its scored
+    part (the whole crop unless it carries context), summed over the outputs (as the loss sums them)."""
 
     def __init__(self, ws: list[list[torch.Tensor]], imgsz: int, crop: int, align: int, margin: int, share: float):
         self.full, self.cells, self.inner = _crop_grid(imgsz, crop, align, margin)
         self.align = align
-        starts = torch.arange(self.cells) * align
+        # the context margin is computed but not scored, so it holds no mass
+        spans = torch.tensor([self.inner(a * align) for a in range(self.cells)])
         mass = 0.0
         for per_image in ws:
             st = imgsz // per_image[0].shape[-1]
-            lo, hi = starts // st, (starts + self.full) // st
+            lo, hi = spans[:, 0] // st, spans[:, 1] // st
             area = ((hi - lo)[:, None] * (hi - lo)[None, :]).clamp_min(1)
             # integral image: the sum over any window in four lookups
             w = torch.stack([x.float().sum(dim=tuple(range(x.dim() - 2))) for x in per_image])  # (N, H, W)
