@@ -108,6 +108,26 @@ def test_taskq_learns_the_biases_and_block_mse_keeps_them(nearest_qckpt, images_
         assert not any(p.requires_grad for p in qm.model.parameters())
 
 
+def test_qdrop_feeds_each_unit_inputs_mixed_from_the_float_model(nearest_qckpt, images_dir, monkeypatch):
+    """QDrop drops the quantization of a unit's input too: about p of its elements are the float model's."""
+    seen = []
+    real = taskq.UnitTrainer.loss
+
+    def spy(self, xs_q, xs_fp, *a, **k):
+        if torch.is_grad_enabled() and self.unit is not None and not self.unit.name.startswith("layer 0 "):
+            seen.append(float(sum((q == f).sum() for q, f in zip(xs_q, xs_fp)) / sum(q.numel() for q in xs_q)))
+        return real(self, xs_q, xs_fp, *a, **k)
+
+    monkeypatch.setattr(taskq.UnitTrainer, "loss", spy)
+    share = {}
+    for p in (0.0, 0.5):
+        seen.clear()
+        _finetune(nearest_qckpt, images_dir, method="block-mse", iters=2, drop_prob=p)
+        share[p] = sum(seen) / len(seen)
+    # without dropping, quantized and float inputs agree only where both are exact (zeros, saturated values)
+    assert share[0.0] < 0.5 and share[0.5] == pytest.approx(share[0.0] + 0.5 * (1 - share[0.0]), abs=0.05), share
+
+
 def test_resume_after_an_interrupt_gives_the_uninterrupted_result(nearest_qckpt, images_dir, tmp_path, monkeypatch):
     kw = {"iters": 4, "drop_prob": 0.5}  # QDrop masks too must replay exactly
     full, _ = _finetune(nearest_qckpt, images_dir, tmp_path / "full.qpt", **kw)
