@@ -512,7 +512,8 @@ class UnitTrainer:
             if self.cfg.drop_prob > 0:
                 # QDrop drops the quantization of the unit's input as well: each element is the float model's
                 # with probability p, so the unit cannot fit the exact errors the quantized layers before it make
-                crops_q = [torch.where(torch.rand_like(q) < self.cfg.drop_prob, f, q) for q, f in zip(crops_q, crops_fp)]
+                drop = self.cfg.drop_prob
+                crops_q = [torch.where(torch.rand_like(q) < drop, f, q) for q, f in zip(crops_q, crops_fp)]
             crops_w = ws and [_cut(w, boxes, self.imgsz) for w in ws]
             if sampler is not None:
                 crops_w = [w.float() * ratio.view(-1, *[1] * (w.dim() - 1)) for w in crops_w]
