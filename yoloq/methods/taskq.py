@@ -73,7 +73,7 @@ class TaskQConfig:
     # BRECQ's Fisher weighting without labels): 0 plain MSE, 1 fully weighted. None (default): 1 below 8-bit
     # activations, where it was measured (W4A4 held out 0.662 -> 0.676, all 80 0.670 -> 0.732), else 0 (for_bits):
     # at W4A8 on top of the crop context it lowered both (seed 0: 0.889 -> 0.842 held out, 0.915 -> 0.906 all 80),
-    # and with weighted crops held out still fell on average over two folds (-0.013; all 80 +0.035)
+    # and with weighted crops held out still fell on average over three folds (-0.015; all 80 +0.033)
     sensitivity: float | None = None
     sensitivity_probes: int = 2  # random probes per image for that diagonal
     # with sensitivity weights: share of the crops drawn in proportion to the weight they hold, the loss reweighted
