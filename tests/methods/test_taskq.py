@@ -452,7 +452,6 @@ def test_weighted_crops_hold_the_weight_mass_and_keep_the_expected_loss():
     loss = torch.rand(sampler.q.numel(), generator=gen)
     assert float((sampler.q * sampler.ratio * loss).sum()) == pytest.approx(float(loss.mean()), rel=1e-5)
     assert ratio.min() < 0.1 < 1.5 < ratio.max()  # the heavy crop counts less, the light ones more
-    # share 0: uniform
     # with context, only the scored part of a crop counts: the margin is computed but not in the loss
     margin = 16
     ctx = taskq.WeightedCrops(ws, imgsz, crop, align, margin, share=0.5)
@@ -466,6 +465,7 @@ def test_weighted_crops_hold_the_weight_mass_and_keep_the_expected_loss():
             scored = taskq._scored_cells(cut, box)
             want += float((cut * scored).sum() / scored.sum())
         assert ctx.mass[k].item() == pytest.approx(want, rel=1e-4)
+    # share 0: uniform
     flat = taskq.WeightedCrops(ws, imgsz, crop, align, 0, share=0.0)
     assert torch.allclose(flat.ratio, torch.ones_like(flat.ratio))
     with pytest.raises(YoloqError, match="weighted_crops"):
