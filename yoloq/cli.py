@@ -137,7 +137,7 @@ def finetune(
         "hqod/lsq: train on the float model's detections (conf >= 0.25) instead of the data's labels."))] = False,
     distill: Annotated[Optional[float], typer.Option(help=(
         "hqod/lsq: weight of distillation from the float model's raw head outputs (docs/methods.md); 0 switches it "
-        "off. Default 10."))] = None,
+        "off. Default 100 from a taskq start (a TASKQ checkpoint, or --start taskq), 10 otherwise."))] = None,
     lr_schedule: Annotated[Optional[str], typer.Option(help=(
         "hqod/lsq: constant | cosine (decay to 1% at the last step, for long runs). Default constant."))] = None,
     start: Annotated[Optional[str], typer.Option(help=(

@@ -180,8 +180,10 @@ def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, liv
     calibrated = api.load_quantized(w4a4)
     assert not qat.reconstructed(calibrated.provenance["history"])
     cfg = QATConfig().for_start(calibrated.recipe, False)
-    assert (cfg.iters, cfg.imgsz) == (300, 320)
-    assert QATConfig(iters=9, imgsz=96).for_start(calibrated.recipe, True) == QATConfig(iters=9, imgsz=96)
+    assert (cfg.iters, cfg.imgsz, cfg.distill) == (300, 320, 10.0)
+    given = QATConfig(iters=9, imgsz=96, distill=3.0)
+    assert given.for_start(calibrated.recipe, True) == given
+    assert QATConfig(distill=0.0).for_start(calibrated.recipe, True).distill == 0.0  # 0 (off) is a choice, not unset
     # a TASKQ checkpoint trains at its own size (SZ here), 75 steps; a QAT result of it too (its history has TASKQ)
     from yoloq.methods.taskq import TaskQConfig
 
@@ -193,7 +195,7 @@ def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, liv
     assert (last["method"], last["iters"], last["imgsz"]) == ("hqod", 75, SZ) and rep["steps"] == 2  # epochs win
     assert qat.reconstructed(qm.provenance["history"])
     again = QATConfig().for_start(qm.recipe, True)
-    assert (again.iters, again.imgsz) == (75, SZ)
+    assert (again.iters, again.imgsz, again.distill) == (75, SZ, 100.0)
     # a start trained by QAT alone is not reconstructed: the 320 default stays
     hq, _ = api.qat(str(w4a4), str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0), tmp_path / "h2.qpt")
     assert not qat.reconstructed(hq.provenance["history"])

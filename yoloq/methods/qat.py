@@ -66,14 +66,17 @@ class QATConfig:
     pseudo_labels: bool = False  # train on the float model's detections instead of the data's labels
     # distillation from the float model's raw head outputs (losses/distill.py). Fidelity is agreement with the float
     # model, and pseudo-labels after NMS carry little of it: demo YOLOv8s W4A4, 150 steps, 80 coco-mini images,
-    # fidelity 0.28 at the start -> 0.43 with weight 1, 0.47 with 10 (the detection loss alone, 200 steps: 0.34)
-    distill: float = 10.0
+    # fidelity 0.28 at the start -> 0.43 with weight 1, 0.47 with 10 (the detection loss alone, 200 steps: 0.34).
+    # None: by the start (for_start), 100 from a reconstructed one, which is close to the float model already (W4A4
+    # TASKQ start, two splits, held out: 0.712 and 0.633 against 0.672 and 0.570 with 10; 1000: 0.634), else 10
+    # (from calibration 100 scored 0.584 held out against 0.610; docs/methods.md)
+    distill: float | None = None
     seed: int = 0
     device: str = "cpu"
     # how a float model becomes the start of training (a quantized checkpoint is its own start): "taskq", TASKQ
     # reconstruction (start_iters steps per unit, on the first 64 images) and then the steps and size of a TASKQ
-    # start; or "ptq", calibration alone. None: taskq. Demo YOLOv8s W4A4, held out: 0.672 in 22 minutes on 2
-    # cores, against 0.610 from calibration (all 80 images: 0.706 against 0.512; docs/methods.md). 800, not
+    # start; or "ptq", calibration alone. None: taskq. Demo YOLOv8s W4A4, held out: 0.712 in 23 minutes on 2
+    # cores, against 0.610 from calibration (all 80 images: 0.708 against 0.512; docs/methods.md). 800, not
     # TASKQ's own 1200, to fit the whole in 30 minutes
     start: str | None = None
     start_iters: int = 800
@@ -88,7 +91,7 @@ class QATConfig:
         for k in ("iters", "batch"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise YoloqError(f"{k} must be at least 1, got {getattr(self, k)}")
-        if not (math.isfinite(self.distill) and self.distill >= 0):
+        if self.distill is not None and not (math.isfinite(self.distill) and self.distill >= 0):
             raise YoloqError(f"distill weight must be a number >= 0, got {self.distill}")
         if self.start not in (None, "taskq", "ptq"):
             raise YoloqError(f"unknown start {self.start!r}; choose taskq or ptq")
@@ -108,14 +111,16 @@ class QATConfig:
         return HQODLossConfig(tcorr=self.tcorr, hiou=self.hiou) if self.method == "hqod" else None
 
     def for_start(self, recipe, reconstructed: bool) -> "QATConfig":
-        """`iters` and `imgsz` filled in where left to the default, from the start's recipe and whether it was
-        reconstructed against the float model (see `reconstructed`).
+        """`iters`, `imgsz` and `distill` filled in where left to the default, from the start's recipe and whether
+        it was reconstructed against the float model (see `reconstructed`).
 
         A start reconstructed against the float model (TASKQ & co) is already close to it at its own size: training
-        at 320 pulls it away there, so it trains at its own size, for fewer (four times dearer) steps.
+        at 320 pulls it away there, so it trains at its own size, for fewer (four times dearer) steps, and leans on
+        the float model's outputs more than on the pseudo-labels' few boxes.
         """
         return replace(self, iters=self.iters or (75 if reconstructed else 300),
-                       imgsz=self.imgsz or (recipe.imgsz if reconstructed else 320))
+                       imgsz=self.imgsz or (recipe.imgsz if reconstructed else 320),
+                       distill=self.distill if self.distill is not None else (100.0 if reconstructed else 10.0))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -285,9 +290,9 @@ def run(qm, train_images: Path, cfg: QATConfig, state: QATState | None = None, d
     from yoloq import checkpoint
 
     dist = dist or Dist()
-    if cfg.iters is None or cfg.imgsz is None:
+    if cfg.iters is None or cfg.imgsz is None or cfg.distill is None:
         if qm is None:
-            raise ValueError("resolve the default steps and size with cfg.for_start(...) before resuming")
+            raise ValueError("resolve the defaults left to the start with cfg.for_start(...) before resuming")
         cfg = cfg.for_start(qm.recipe, reconstructed(qm.provenance.get("history", [])))
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{dist.rank}")
     resumed = state is not None and state.load()
