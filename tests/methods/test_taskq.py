@@ -472,6 +472,27 @@ def test_weighted_crops_hold_the_weight_mass_and_keep_the_expected_loss():
         TaskQConfig(weighted_crops=1.5)
 
 
+def test_weighted_crops_draw_from_more_candidates_than_torch_multinomial_takes(monkeypatch):
+    # the first layer's 1-pixel grid at 640 px holds 231k crops per image: over 73 images torch.multinomial refuses
+    with pytest.raises(RuntimeError, match="categories"):
+        torch.multinomial(torch.ones(taskq.MULTINOMIAL_MAX + 1), 1)
+    gen = torch.Generator().manual_seed(0)
+    ws = [[torch.rand(1, 2, 16, 16, generator=gen) * 0.01 for _ in range(3)]]
+    ws[0][2][..., :4, :4] += 5.0
+    sampler = taskq.WeightedCrops(ws, 128, 32, 16, 0, share=0.5)
+    monkeypatch.setattr(taskq, "MULTINOMIAL_MAX", sampler.q.numel() - 1)  # as if there were too many
+    boxes, ratio = sampler.draw(torch.Generator().manual_seed(1), 20000)
+    cells = sampler.cells
+    counts = torch.zeros_like(sampler.q)
+    for img, y0, x0, *_ in boxes:
+        counts[img * cells * cells + y0 // 16 * cells + x0 // 16] += 1
+    assert (counts / 20000 - sampler.q).abs().max() < 0.01  # the same distribution, drawn in two steps
+    heavy = 2 * cells * cells  # image 2, top-left crop
+    assert counts[heavy] / 20000 == pytest.approx(float(sampler.q[heavy]), abs=0.01) and sampler.q[heavy] > 0.1
+    assert torch.equal(ratio, sampler.ratio[torch.tensor([b[0] * cells * cells + b[1] // 16 * cells + b[2] // 16
+                                                          for b in boxes])])
+
+
 def test_low_bit_reconstruction_draws_its_crops_by_weight_by_default(nearest_qckpt, images_dir, monkeypatch):
     assert (TaskQConfig().weighted_crops, TaskQConfig.preset("brecq").weighted_crops) == (0.5, 0.0)
     drawn = []

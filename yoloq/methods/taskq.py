@@ -217,6 +217,9 @@ def _crop_boxes(gen: torch.Generator, n: int, imgsz: int, crop: int, align: int,
     return out
 
 
+MULTINOMIAL_MAX = 2**24  # torch.multinomial draws from at most this many categories
+
+
 class WeightedCrops:
     """Crops drawn in proportion to the sensitivity weight they hold (importance sampling).
 
@@ -248,7 +251,15 @@ class WeightedCrops:
 
     def draw(self, gen: torch.Generator, n: int) -> tuple[list[Box], torch.Tensor]:
         """n crops (as _crop_boxes gives them) and the factor each one's loss is multiplied by."""
-        idx = torch.multinomial(self.q, n, replacement=True, generator=gen)
+        if self.q.numel() <= MULTINOMIAL_MAX:
+            idx = torch.multinomial(self.q, n, replacement=True, generator=gen)
+        else:
+            # the first layer crops on a 1-pixel grid: 231k positions per 640-px image, too many over 73 images.
+            # An image by its share of q, then a position in it: the same distribution in two draws
+            per = self.q.view(-1, self.cells * self.cells)
+            img = torch.multinomial(per.sum(1), n, replacement=True, generator=gen)
+            pos = torch.cat([torch.multinomial(per[i], 1, generator=gen) for i in img.tolist()])
+            idx = img * self.cells * self.cells + pos
         out = []
         for k in idx.tolist():
             img, rest = divmod(k, self.cells * self.cells)
