@@ -68,7 +68,8 @@ class QATConfig:
     # model, and pseudo-labels after NMS carry little of it: demo YOLOv8s W4A4, 150 steps, 80 coco-mini images,
     # fidelity 0.28 at the start -> 0.43 with weight 1, 0.47 with 10 (the detection loss alone, 200 steps: 0.34).
     # None: by the start (for_start), 100 from a reconstructed one, which is close to the float model already (W4A4
-    # TASKQ start, two splits, held out: 0.712 and 0.633 against 0.672 and 0.570 with 10; 1000: 0.634), else 10
+    # TASKQ start, three splits, held out: 0.712, 0.633, 0.523 against 0.672, 0.570, 0.549 with 10, mean +0.026;
+    # all 80 mean -0.010; 1000: 0.634), else 10
     # (from calibration 100 scored 0.584 held out against 0.610; docs/methods.md)
     distill: float | None = None
     seed: int = 0
