@@ -483,14 +483,12 @@ def test_weighted_crops_draw_from_more_candidates_than_torch_multinomial_takes(m
     monkeypatch.setattr(taskq, "MULTINOMIAL_MAX", sampler.q.numel() - 1)  # as if there were too many
     boxes, ratio = sampler.draw(torch.Generator().manual_seed(1), 20000)
     cells = sampler.cells
-    counts = torch.zeros_like(sampler.q)
-    for img, y0, x0, *_ in boxes:
-        counts[img * cells * cells + y0 // 16 * cells + x0 // 16] += 1
+    idx = torch.tensor([img * cells * cells + y0 // 16 * cells + x0 // 16 for img, y0, x0, *_ in boxes])
+    counts = torch.bincount(idx, minlength=sampler.q.numel()).float()
     assert (counts / 20000 - sampler.q).abs().max() < 0.01  # the same distribution, drawn in two steps
     heavy = 2 * cells * cells  # image 2, top-left crop
     assert counts[heavy] / 20000 == pytest.approx(float(sampler.q[heavy]), abs=0.01) and sampler.q[heavy] > 0.1
-    assert torch.equal(ratio, sampler.ratio[torch.tensor([b[0] * cells * cells + b[1] // 16 * cells + b[2] // 16
-                                                          for b in boxes])])
+    assert torch.equal(ratio, sampler.ratio[idx])
 
 
 def test_low_bit_reconstruction_draws_its_crops_by_weight_by_default(nearest_qckpt, images_dir, monkeypatch):

@@ -69,8 +69,8 @@ class QATConfig:
     # fidelity 0.28 at the start -> 0.43 with weight 1, 0.47 with 10 (the detection loss alone, 200 steps: 0.34).
     # None: by the start (for_start), 100 from a reconstructed one, which is close to the float model already (W4A4
     # TASKQ start, three splits, held out: 0.712, 0.633, 0.523 against 0.672, 0.570, 0.549 with 10, mean +0.026;
-    # all 80 mean -0.010; 1000: 0.634), else 10
-    # (from calibration 100 scored 0.584 held out against 0.610; docs/methods.md)
+    # all 80 mean -0.010; 1000: 0.634), else 10 (from calibration 100 scored 0.584 held out against 0.610;
+    # docs/methods.md)
     distill: float | None = None
     seed: int = 0
     device: str = "cpu"
