@@ -230,3 +230,44 @@ def test_without_gradients_fake_quantize_takes_the_plain_path():
         y = fake_quantize(x, scale, T([3.0]), 0, 15)
     assert y.grad_fn is None
     assert torch.equal(y, (torch.clamp(torch.round(x.detach() / 0.25) + 3, 0, 15) - 3) * 0.25)
+
+
+def _dithered_op_by_op(x, scale, zp, qmin, qmax, grad_scale, dither):
+    """Subtractive dither as separate differentiable ops: round at x / s + d, take d off again inside the range."""
+    s = scale_grad(scale, grad_scale)
+    v = round_ste(x / s) + zp
+    inside = (v > qmin) & (v < qmax)
+    return (torch.where(inside, round_ste(x / s + dither) + zp - dither, v.detach().clamp(qmin, qmax)) - zp) * s
+
+
+def test_dither_makes_the_rounding_error_independent_of_x_with_the_fused_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(0.2, 4.0, 50_001).requires_grad_(True)  # inside [0, 15] steps of 0.3 (zero point 0)
+    scale, zp = torch.tensor(0.3, requires_grad=True), torch.tensor(0.0)
+    d = torch.rand(x.shape, generator=g) - 0.5
+    y = lsq_fake_quantize(x, scale, zp, 0, 15, 0.1, d)
+    err, frac = ((y - x) / 0.3).detach(), (torch.round(x / 0.3) - x / 0.3).detach()
+    # plain rounding's error is a function of x; the dithered one is uniform noise of the same size, unrelated to it
+    assert float(err.abs().max()) <= 0.5 + 1e-5
+    assert float(err.std()) == pytest.approx(12 ** -0.5, rel=0.02)
+    assert abs(float(torch.corrcoef(torch.stack([err, frac]))[0, 1])) < 0.02
+    # the codes are whole steps once the dither is taken off again
+    codes = y.detach() / 0.3 + d
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    up = torch.randn(x.shape, generator=g)
+    y.backward(up)
+    gx, gs = x.grad.clone(), scale.grad.clone()
+    x.grad = scale.grad = None
+    y0 = _dithered_op_by_op(x, scale, zp, 0, 15, 0.1, d)
+    y0.backward(up)
+    assert torch.allclose(y.detach(), y0.detach(), atol=1e-6)
+    assert torch.allclose(gx, x.grad) and torch.allclose(gs, scale.grad, rtol=1e-4)
+
+
+def test_dither_clips_what_the_plain_rounding_clips_and_nothing_else():
+    x, scale, zp = torch.tensor([-5.0, 0.0, 0.61, 9.0, -0.6]), torch.tensor(0.25), torch.tensor(3.0)
+    y = fake_quantize(x, scale, zp, 0, 15, torch.tensor([0.4, 0.4, 0.4, 0.4, -0.4]))
+    assert y[0] == -0.75 and y[3] == 3.0  # beyond the range: the bounds, (0 - 3) and (15 - 3) steps, no dither
+    # inside: round(x/s + d) - d steps, also where the dithered code lands on a bound (-2.4 - 0.4 -> -3 + 0.4)
+    assert y[1:3].tolist() == pytest.approx([-0.1, 0.65]) and float(y[4]) == pytest.approx(-0.65)
+    assert torch.equal(fake_quantize(x, scale, zp, 0, 15, torch.zeros(5)), fake_quantize(x, scale, zp, 0, 15))

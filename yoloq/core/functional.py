@@ -53,7 +53,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return (q - zero_point) * scale
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  dither: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize with a straight-through gradient for x inside the range and zero outside it.
 
     A value whose code lands on qmin or qmax counts as clipped: no gradient to x, and the step's (LSQ) gradient is
@@ -62,13 +63,22 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     the end codes, so the two conventions train differently: the demo W4A4 QAT default run ends at 0.51 fidelity with
     the convention here and at 0.15 with the old one (on an H100 with torch 2.11, and emulated on the CPU).
     """
-    return lsq_fake_quantize(x, scale, zero_point, qmin, qmax, 1.0)
+    return lsq_fake_quantize(x, scale, zero_point, qmin, qmax, 1.0, dither)
 
 
 def lsq_fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, grad_scale: float
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, grad_scale: float,
+    dither: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LSQ (Esser et al. 2020): fake_quantize whose step size is learnable, its gradient scaled by 1/sqrt(N * Qp)."""
+    """LSQ (Esser et al. 2020): fake_quantize whose step size is learnable, its gradient scaled by 1/sqrt(N * Qp).
+
+    `dither` (in steps, broadcast to x): subtractive dither. The rounding happens at x / s + dither and the dither is
+    taken off again inside the range, so the error there is (round(u) - u) · s with u = x / s + dither: with
+    dither ~ U(-1/2, 1/2) a uniform error independent of x, as large on average as the rounding's own, but not the
+    same for a given x from one call to the next. Which values are clipped (to the bounds) does not change.
+    """
+    if dither is not None:
+        return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, dither)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (torch.is_tensor(scale) and scale.requires_grad))
     if not needs_grad or torch.onnx.is_in_onnx_export():
         return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
@@ -82,14 +92,22 @@ class _FakeQuantize(torch.autograd.Function):
 
     d out / d x = 1 where the code is strictly inside (qmin, qmax), else 0;
     d out / d scale = (code - z) - x / scale inside (round() passes straight through), code - z where clipped.
+    With a dither d, inside (decided without it) the code is round(x / scale + d) + z and the output
+    (code - z - d) · scale; the gradients keep their form, with code - z - d for code - z there.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale, dither=None):
         xs = x / scale
         code = torch.round(xs) + zero_point
         inside = (code > qmin) & (code < qmax)
+        if dither is not None:
+            # inside and clipped as without it: the dither moves no value onto a bound (the code stays in range)
+            dither = dither * inside
+            code = torch.round(xs + dither) + zero_point
         code.clamp_(qmin, qmax).sub_(zero_point)
+        if dither is not None:
+            code = code - dither
         out = code * scale
         ctx.scale_grad = ctx.needs_input_grad[1]
         ctx.save_for_backward(inside, code.sub_(xs * inside) if ctx.scale_grad else None)
@@ -104,7 +122,7 @@ class _FakeQuantize(torch.autograd.Function):
         gs = None
         if ctx.scale_grad:
             gs = ((grad * d_scale).sum_to_size(ctx.scale_shape) * ctx.grad_scale).to(ctx.scale_dtype)
-        return gx, gs, None, None, None, None
+        return gx, gs, None, None, None, None, None
 
 
 def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:

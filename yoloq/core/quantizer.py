@@ -74,6 +74,9 @@ class FakeQuantizer(nn.Module):
         self.export_mode: str | None = None
         # fine-tuning (not saved): QDrop-style probability of passing an element through unquantized
         self.drop_prob = 0.0
+        # fine-tuning (not saved): width, in steps, of a uniform subtractive dither on the rounding (0: none; 1: the
+        # rounding error becomes noise independent of x), so training cannot fit the exact rounding of its images
+        self.dither = 0.0
         # a grid fixed by construction (the image's 1/255, the SiLU gate's): never calibrated or learned
         self.fixed = False
         # TQT (while training only): the step as 2^ceil(log2_scale), learned in log2 space; None otherwise
@@ -180,12 +183,14 @@ class FakeQuantizer(nn.Module):
             clip = self.spec.qmin != 0 or self.input_max is None or round(self.input_max / scale) + zp > self.spec.qmax
             return QDQ.apply(x, scale, zp, self.spec.qmin, self.spec.qmax, self.spec.signed, clip)
         scale, zp = self._params(x)
+        dither = (torch.rand_like(x) - 0.5) * self.dither if self.dither > 0 and torch.is_grad_enabled() else None
         if not self.learning:
-            y = fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax)
+            y = fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax, dither)
         else:
             # LSQ's gradient scale 1/sqrt(N * Qp), N the elements sharing one step (per sample)
             n = x[0].numel() if not self.spec.per_channel else x.numel() // x.shape[self.spec.axis]
-            y = lsq_fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax, 1 / math.sqrt(n * self.spec.qmax))
+            y = lsq_fake_quantize(x, scale, zp, self.spec.qmin, self.spec.qmax, 1 / math.sqrt(n * self.spec.qmax),
+                                  dither)
         if self.drop_prob > 0 and torch.is_grad_enabled():
             # QDrop: random elements skip quantization, so the next layers see a mix (flatter loss surface)
             y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
