@@ -244,7 +244,8 @@ def _taskq_start(source: str, source_sha256: str | None, ds: Dataset, recipe: Re
                     or (done["recipe"]["weight_bits"], done["recipe"]["act_bits"]) != bits:
                 raise YoloqError(f"{path} is left from a run with another model or bits; delete it")
         else:
-            finetune(source, ds, TaskQConfig(iters=cfg.start_iters, seed=cfg.seed), path, recipe.weight_bits,
-                     recipe.act_bits, recipe.images, recipe.imgsz)
+            # no dither: HQOD's default was measured from a TASKQ stage without it (TASKQ's default since 2026-12-05)
+            finetune(source, ds, TaskQConfig(iters=cfg.start_iters, seed=cfg.seed, dither=0.0), path,
+                     recipe.weight_bits, recipe.act_bits, recipe.images, recipe.imgsz)
     dist.barrier()
     return checkpoint.load(path)

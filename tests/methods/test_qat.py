@@ -220,6 +220,8 @@ def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_m
     qm, rep = api.qat(lively_model, str(labelled), cfg, out)
     methods = [h["method"] for h in qm.provenance["history"] if h.get("step") == "finetune"]
     assert methods == ["taskq", "hqod"]
+    # the TASKQ stage the HQOD default was measured with: no dither, although W4A4 TASKQ alone dithers
+    assert qm.provenance["history"][-2]["dither"] == 0.0
     last = qm.provenance["history"][-1]
     assert (last["start"], last["iters"], last["imgsz"]) == ("taskq", 75, qm.recipe.imgsz)  # as from a TASKQ file
     assert out.exists() and not start.exists()

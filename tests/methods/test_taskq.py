@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from yoloq import api
+from yoloq.core.modules import iter_quantizers
 from yoloq.errors import YoloqError
 from yoloq.methods import taskq
 from yoloq.methods.taskq import TaskQConfig
@@ -291,14 +292,16 @@ def test_default_rounding_regulariser_ends_with_the_hard_rounding_near_the_soft_
     assert hard < weak_hard and hard < 0.98 * nearest
 
 
-def test_crop_context_defaults_on_at_8_bit_activations_and_sensitivity_weights_below():
+def test_crop_context_defaults_on_at_8_bit_activations_and_sensitivity_weights_below_dither_at_both():
     a8, a4 = TaskQConfig().for_bits(8), TaskQConfig().for_bits(4)
-    assert (a8.context, a8.sensitivity) == (True, 0.0) and (a4.context, a4.sensitivity) == (False, 1.0)
+    assert (a8.context, a8.sensitivity, a8.dither) == (True, 0.0, 1.0)
+    assert (a4.context, a4.sensitivity, a4.dither) == (False, 1.0, 1.0)
     set_ = TaskQConfig(context=False, sensitivity=0.5)
     assert (set_.for_bits(8).context, set_.for_bits(4).sensitivity) == (False, 0.5)
     # the baselines stay as their papers have them
     for m in ("block-mse", "qdrop", "adaround"):
-        assert (TaskQConfig.preset(m).for_bits(8).context, TaskQConfig.preset(m).for_bits(4).sensitivity) == (False, 0)
+        p8, p4 = TaskQConfig.preset(m).for_bits(8), TaskQConfig.preset(m).for_bits(4)
+        assert (p8.context, p4.sensitivity, p8.dither, p4.dither) == (False, 0, 0, 0)
 
 
 def test_brecq_is_block_mse_with_the_fisher_weights_at_every_bit_width(nearest_qckpt, images_dir, monkeypatch):
@@ -501,3 +504,24 @@ def test_low_bit_reconstruction_draws_its_crops_by_weight_by_default(nearest_qck
     drawn.clear()
     _finetune(nearest_qckpt, images_dir, iters=3, weighted_crops=0.0)
     assert drawn == []
+
+
+def test_dither_is_on_while_a_unit_trains_and_off_when_it_is_judged_and_saved(nearest_qckpt, images_dir, monkeypatch):
+    seen = {"train": set(), "judge": set()}
+    real = taskq.UnitTrainer.loss
+
+    def spy(self, *a, **k):
+        seen["train" if torch.is_grad_enabled() else "judge"].update(q.dither for q in self.act_quantizers)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(taskq.UnitTrainer, "loss", spy)
+    qm, _ = _finetune(nearest_qckpt, images_dir, iters=3, dither=1.0)
+    assert seen["train"] == {1.0} and seen["judge"] == {0.0}
+    assert all(q.dither == 0 for _, q in iter_quantizers(qm.model))
+    monkeypatch.setattr(taskq.UnitTrainer, "loss", real)
+    # it changes what is learned (same seed, same crops)
+    plain, _ = _finetune(nearest_qckpt, images_dir, iters=3, dither=0.0)
+    a, b = qm.model.state_dict(), plain.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(YoloqError, match="dither"):
+        TaskQConfig(dither=1.5)
