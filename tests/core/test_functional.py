@@ -191,12 +191,14 @@ def test_lsq_forward_matches_and_scale_gets_gradient():
     assert torch.allclose(scale.grad, scale2.grad * grad_scale, rtol=1e-4, atol=1e-8)
 
 
-def _fake_quantize_op_by_op(x, scale, zp, qmin, qmax, grad_scale):
-    """The same maths as separate differentiable ops: what _FakeQuantize's hand-written backward must equal."""
+def _fake_quantize_op_by_op(x, scale, zp, qmin, qmax, grad_scale, dither=None):
+    """The same maths as separate differentiable ops: what _FakeQuantize's hand-written backward must equal. With a
+    dither: round at x / s + d and take d off again, where the plain code is inside the range."""
     s = scale_grad(scale, grad_scale)
     v = round_ste(x / s) + zp
     inside = (v > qmin) & (v < qmax)
-    return (torch.where(inside, v, v.detach().clamp(qmin, qmax)) - zp) * s
+    kept = v if dither is None else round_ste(x / s + dither) + zp - dither
+    return (torch.where(inside, kept, v.detach().clamp(qmin, qmax)) - zp) * s
 
 
 @pytest.mark.parametrize(("x_shape", "s_shape", "dtype"), [
@@ -232,14 +234,6 @@ def test_without_gradients_fake_quantize_takes_the_plain_path():
     assert torch.equal(y, (torch.clamp(torch.round(x.detach() / 0.25) + 3, 0, 15) - 3) * 0.25)
 
 
-def _dithered_op_by_op(x, scale, zp, qmin, qmax, grad_scale, dither):
-    """Subtractive dither as separate differentiable ops: round at x / s + d, take d off again inside the range."""
-    s = scale_grad(scale, grad_scale)
-    v = round_ste(x / s) + zp
-    inside = (v > qmin) & (v < qmax)
-    return (torch.where(inside, round_ste(x / s + dither) + zp - dither, v.detach().clamp(qmin, qmax)) - zp) * s
-
-
 def test_dither_makes_the_rounding_error_independent_of_x_with_the_fused_gradients():
     g = torch.Generator().manual_seed(0)
     x = torch.linspace(0.2, 4.0, 50_001).requires_grad_(True)  # inside [0, 15] steps of 0.3 (zero point 0)
@@ -258,7 +252,7 @@ def test_dither_makes_the_rounding_error_independent_of_x_with_the_fused_gradien
     y.backward(up)
     gx, gs = x.grad.clone(), scale.grad.clone()
     x.grad = scale.grad = None
-    y0 = _dithered_op_by_op(x, scale, zp, 0, 15, 0.1, d)
+    y0 = _fake_quantize_op_by_op(x, scale, zp, 0, 15, 0.1, d)
     y0.backward(up)
     assert torch.allclose(y.detach(), y0.detach(), atol=1e-6)
     assert torch.allclose(gx, x.grad) and torch.allclose(gs, scale.grad, rtol=1e-4)

@@ -107,7 +107,7 @@ class _FakeQuantize(torch.autograd.Function):
             code = torch.round(xs + dither) + zero_point
         code.clamp_(qmin, qmax).sub_(zero_point)
         if dither is not None:
-            code = code - dither
+            code.sub_(dither)
         out = code * scale
         ctx.scale_grad = ctx.needs_input_grad[1]
         ctx.save_for_backward(inside, code.sub_(xs * inside) if ctx.scale_grad else None)
