@@ -16,6 +16,7 @@ import torch
 from ultralytics.utils.tal import make_anchors
 
 from yoloq import api
+from yoloq.core.modules import iter_quantizers
 from yoloq.data.datasets import resolve_data, write_yolo
 from yoloq.errors import YoloqError
 from yoloq.losses.hqod import HQODLossConfig, hqod_loss
@@ -94,6 +95,26 @@ def test_short_qat_lowers_the_loss_and_exports(w4a4, labelled, tmp_path):
     assert back.recipe.weight_bits == 4 and back.provenance["history"][-1]["method"] == "hqod"
     rep = api.export(back, tmp_path / "hqod.onnx")
     assert rep["bytes"] > 0
+
+
+def test_dither_is_on_the_learned_activation_quantizers_while_training_only(w4a4, labelled, tmp_path):
+    qm = api.load_quantized(w4a4)
+    qat.setup(qm.model, QATConfig(dither=1.0, **TINY))
+    qs = [q for _, q in iter_quantizers(qm.model)]
+    dithered = [q for q in qs if q.dither > 0]
+    assert dithered and all(q.dither == 1.0 and q.learning and not q.weight for q in dithered)
+    assert len(dithered) == sum(q.learning and not q.weight for q in qs)
+    qat.convert(qm.model)
+    assert all(q.dither == 0.0 for q in qs)  # evaluated, saved and exported plainly
+
+    # same seed and data: only the dither differs, and it changes what is learned
+    got = [api.qat(str(w4a4), str(labelled), QATConfig(method="lsq", iters=2, lr=1e-3, distill=0.0, dither=d, **TINY),
+                   tmp_path / f"d{d}.qpt")[0].model.state_dict() for d in (0.0, 0.0, 1.0)]
+    assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+    assert not all(torch.equal(got[0][k], got[2][k]) for k in got[0])
+    assert all(q.dither == 0.0 for _, q in iter_quantizers(api.load_quantized(tmp_path / "d1.0.qpt").model))
+    with pytest.raises(YoloqError, match="dither must be in"):
+        QATConfig(dither=1.5)
 
 
 def test_tqt_learns_power_of_two_steps(w4a4, labelled, tmp_path):

@@ -81,6 +81,10 @@ class QATConfig:
     # TASKQ's own 1200, to fit the whole in 30 minutes
     start: str | None = None
     start_iters: int = 800
+    # width in steps of a subtractive dither on the learned activation quantizers while training (0: off; 1: their
+    # rounding error becomes uniform noise independent of the input, as TASKQ's `dither`); never when evaluating,
+    # saving or exporting
+    dither: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +102,8 @@ class QATConfig:
             raise YoloqError(f"unknown start {self.start!r}; choose taskq or ptq")
         if self.start_iters < 1:
             raise YoloqError(f"start iters must be at least 1, got {self.start_iters}")
+        if not 0 <= self.dither <= 1:
+            raise YoloqError(f"dither must be in [0, 1], got {self.dither}")
         if self.epochs is not None and self.epochs < 1:
             raise YoloqError(f"epochs must be at least 1, got {self.epochs}")
         if self.imgsz is not None:
@@ -206,6 +212,8 @@ def setup(model, cfg: QATConfig) -> list[dict]:
         if q.fixed or not bool(q.calibrated):
             continue
         q.learn(True, cfg.quantizer)
+        if not q.weight:
+            q.dither = cfg.dither
         lr = cfg.lr_log2 if cfg.quantizer == "tqt" else cfg.lr_scale * float(q.scale.detach().mean())
         groups.append({"params": q.learned_parameters(), "lr": lr})
     return groups
@@ -228,6 +236,7 @@ def convert(model) -> None:
     """End of training: plain (saved) step sizes, nothing trainable, accumulator caps re-derived, eval mode."""
     for _, q in iter_quantizers(model):
         q.learn(False)
+        q.dither = 0.0
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
