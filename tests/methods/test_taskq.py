@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from yoloq import api
 from yoloq.core.modules import iter_quantizers
@@ -292,16 +293,16 @@ def test_default_rounding_regulariser_ends_with_the_hard_rounding_near_the_soft_
     assert hard < weak_hard and hard < 0.98 * nearest
 
 
-def test_crop_context_defaults_on_at_8_bit_activations_and_sensitivity_weights_below_dither_at_both():
+def test_crop_context_defaults_on_at_8_bit_activations_sensitivity_and_averaging_below_dither_at_both():
     a8, a4 = TaskQConfig().for_bits(8), TaskQConfig().for_bits(4)
-    assert (a8.context, a8.sensitivity, a8.dither) == (True, 0.0, 1.0)
-    assert (a4.context, a4.sensitivity, a4.dither) == (False, 1.0, 1.0)
-    set_ = TaskQConfig(context=False, sensitivity=0.5)
-    assert (set_.for_bits(8).context, set_.for_bits(4).sensitivity) == (False, 0.5)
+    assert (a8.context, a8.sensitivity, a8.dither, a8.average) == (True, 0.0, 1.0, 0.0)
+    assert (a4.context, a4.sensitivity, a4.dither, a4.average) == (False, 1.0, 1.0, 0.99)
+    set_ = TaskQConfig(context=False, sensitivity=0.5, average=0.9)
+    assert (set_.for_bits(8).context, set_.for_bits(4).sensitivity, set_.for_bits(8).average) == (False, 0.5, 0.9)
     # the baselines stay as their papers have them
     for m in ("block-mse", "qdrop", "adaround"):
         p8, p4 = TaskQConfig.preset(m).for_bits(8), TaskQConfig.preset(m).for_bits(4)
-        assert (p8.context, p4.sensitivity, p8.dither, p4.dither) == (False, 0, 0, 0)
+        assert (p8.context, p4.sensitivity, p8.dither, p4.dither, p4.average) == (False, 0, 0, 0, 0)
 
 
 def test_brecq_is_block_mse_with_the_fisher_weights_at_every_bit_width(nearest_qckpt, images_dir, monkeypatch):
@@ -525,3 +526,38 @@ def test_dither_is_on_while_a_unit_trains_and_off_when_it_is_judged_and_saved(ne
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(YoloqError, match="dither"):
         TaskQConfig(dither=1.5)
+
+
+def test_parameter_average_is_an_exponential_moving_average_put_in_place():
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.ones(2))
+    avg = taskq.ParamAverage([p, q], decay=0.9)
+    avg.put_in()  # nothing folded in yet: the parameters stay
+    assert torch.equal(p, torch.zeros(3))
+    for v in (1.0, 2.0, 4.0):
+        p.data.fill_(v)
+        q.data.fill_(-v)
+        avg.update()
+    want = (1.0 * 0.9 + 2.0 * 0.1) * 0.9 + 4.0 * 0.1
+    avg.put_in()
+    assert torch.allclose(p, torch.full((3,), want)) and torch.allclose(q, torch.full((2,), -want))
+
+
+def test_averaging_puts_the_mean_of_the_annealed_steps_in_before_the_rounding_is_baked(nearest_qckpt, images_dir,
+                                                                                   monkeypatch):
+    # what each unit bakes: the averaged values, not the last step's (same seed and crops otherwise)
+    baked = {}
+    real = taskq.UnitTrainer.finish
+
+    def spy(self):
+        baked.setdefault(self.cfg.average, []).append([float(p.detach().sum()) for m in self.convs
+                                                      for p in (m.rounding.v, m.weight_quantizer.scale)])
+        return real(self)
+
+    monkeypatch.setattr(taskq.UnitTrainer, "finish", spy)
+    avg, _ = _finetune(nearest_qckpt, images_dir, iters=6, warmup=0.5, average=0.5)
+    last, _ = _finetune(nearest_qckpt, images_dir, iters=6, warmup=0.5, average=0.0)
+    assert len(baked[0.5]) == len(baked[0.0]) and baked[0.5] != baked[0.0]
+    a, b = avg.model.state_dict(), last.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(YoloqError, match="average"):
+        TaskQConfig(average=1.0)

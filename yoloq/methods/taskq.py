@@ -73,6 +73,10 @@ class TaskQConfig:
     # of its calibration images. Over three folds of the demo model it raised held out at W4A4 from 0.575 to 0.607
     # (all 80 level, 0.801) and at W4A8 from 0.816 to 0.833, up on every fold (docs/methods.md)
     dither: float = 1.0
+    # decay of an exponential moving average of what a unit learns (rounding logits, step sizes, biases), kept from
+    # the end of the warm-up and put in place before the rounding is made hard (0: the last step's values). None
+    # (default): 0.99 below 8-bit activations, where it was measured (W4A4, three folds, docs/methods.md), 0 at 8 bits
+    average: float | None = None
     # share of the reconstruction loss weighted, element by element, by how much each unit output moves the
     # detections (the Gauss-Newton diagonal of the float model's scores and size-relative boxes, by random probes;
     # BRECQ's Fisher weighting without labels): 0 plain MSE, 1 fully weighted. None (default): 1 below 8-bit
@@ -117,6 +121,8 @@ class TaskQConfig:
             raise YoloqError(f"drop probability must be in [0, 1), got {self.drop_prob}")
         if not 0 <= self.dither <= 1:
             raise YoloqError(f"dither must be in [0, 1], got {self.dither}")
+        if self.average is not None and not 0 <= self.average < 1:
+            raise YoloqError(f"average (a decay) must be in [0, 1), got {self.average}")
         if self.sensitivity is not None and not 0 <= self.sensitivity <= 1:
             raise YoloqError(f"sensitivity must be in [0, 1], got {self.sensitivity}")
         if not 0 <= self.weighted_crops <= 1:
@@ -133,10 +139,11 @@ class TaskQConfig:
 
     def for_bits(self, act_bits: int) -> "TaskQConfig":
         """This config with the settings left to the bit width decided: crop context at 8-bit activations,
-        sensitivity weighting below."""
+        sensitivity weighting and parameter averaging below."""
         context = act_bits >= 8 if self.context is None else self.context
         sensitivity = (0.0 if act_bits >= 8 else 1.0) if self.sensitivity is None else self.sensitivity
-        return replace(self, context=context, sensitivity=sensitivity)
+        average = (0.0 if act_bits >= 8 else 0.99) if self.average is None else self.average
+        return replace(self, context=context, sensitivity=sensitivity, average=average)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +152,7 @@ class TaskQConfig:
 # what each baseline switches off (all share the code above); they keep their papers' fixed biases, plain crops and
 # plain loss, and each is block-mse with one change
 _BLOCK_MSE = {"sparse": False, "dtr": False, "stahq": False, "lr_bias": 0.0, "context": False, "sensitivity": 0.0,
-              "weighted_crops": 0.0, "dither": 0.0}
+              "weighted_crops": 0.0, "dither": 0.0, "average": 0.0}
 PRESETS: dict[str, dict] = {
     "taskq": {},
     "block-mse": _BLOCK_MSE,
@@ -394,6 +401,34 @@ def heaviest_images(ws: list[list[torch.Tensor]], n: int) -> list[int]:
 
 
 # ---- one unit --------------------------------------------------------------------------------------------------------
+class ParamAverage:
+    """Exponential moving average of parameters (Polyak averaging): `update()` after each step folds their values
+    in (the first call takes them as they are), `put_in()` writes the average into them.
+
+    >>> p = nn.Parameter(torch.tensor(1.0)); avg = ParamAverage([p], decay=0.5)
+    >>> for v in (1.0, 2.0, 3.0):
+    ...     _ = p.data.fill_(v); avg.update()
+    >>> avg.put_in(); float(p)
+    2.25
+    """
+
+    def __init__(self, params, decay: float) -> None:
+        self.params, self.decay, self.avg = list(params), decay, None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.avg is None:
+            self.avg = [p.detach().clone() for p in self.params]
+            return
+        for a, p in zip(self.avg, self.params):
+            a.lerp_(p, 1 - self.decay)
+
+    @torch.no_grad()
+    def put_in(self) -> None:
+        for a, p in zip(self.avg or [], self.params):
+            p.copy_(a)
+
+
 class UnitTrainer:
     """Reconstruct one unit: modules q_mods[k] (quantized) and fp_mods[k] (float) on inputs k."""
 
@@ -522,6 +557,9 @@ class UnitTrainer:
         sampler = (WeightedCrops(ws, self.imgsz, self.cfg.crop, align, margin, self.cfg.weighted_crops)
                    if ws and self.cfg.weighted_crops > 0 else None)
         parts = {}
+        # the last step's values fit the last few crops and dither draws; their average, taken while the rounding
+        # regulariser anneals, fits the images rather than the draws
+        average = ParamAverage([p for g in opt.param_groups for p in g["params"]], self.cfg.average or 0.0)
         for t in range(self.cfg.iters):
             if sampler is None:
                 boxes = _crop_boxes(gen, self.cfg.batch, self.imgsz, self.cfg.crop, align, margin)
@@ -550,8 +588,11 @@ class UnitTrainer:
                 q.clamp_scale(MIN_ACT_SCALE)
             for m in self.convs:
                 m.weight_quantizer.clamp_scale(1e-8)
+            if self.cfg.average and b is not None:
+                average.update()
             if on_step:
                 on_step(parts)
+        average.put_in()
         self.finish()
         after = trained = self.evaluate(judge_q, judge_fp, judge_w)
         extra = ({"train_loss_before": train_before, "train_loss_after": self.evaluate(ins_q, ins_fp, ws)}
