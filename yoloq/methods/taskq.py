@@ -75,7 +75,8 @@ class TaskQConfig:
     dither: float = 1.0
     # decay of an exponential moving average of what a unit learns (rounding logits, step sizes, biases), kept from
     # the end of the warm-up and put in place before the rounding is made hard (0: the last step's values). None
-    # (default): 0.99 below 8-bit activations, where it was measured (W4A4, three folds, docs/methods.md), 0 at 8 bits
+    # (default): 0.99 below 8-bit activations, where it was measured (W4A4, three folds, docs/methods.md), 0 at 8 bits,
+    # where it lost (W4A8, two splits: held out 0.904 -> 0.892 and 0.824 -> 0.737)
     average: float | None = None
     # share of the reconstruction loss weighted, element by element, by how much each unit output moves the
     # detections (the Gauss-Newton diagonal of the float model's scores and size-relative boxes, by random probes;
