@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from yoloq.core.functional import fake_quantize
-from yoloq.core.gptq import HessianAccumulator, gptq_round
+from yoloq.core.gptq import HessianAccumulator, gptq_latent, gptq_round
 
 
 def _layer():
@@ -40,3 +40,16 @@ def test_hessian_matches_im2col_second_moment_and_subsamples():
     small = HessianAccumulator(conv, max_positions=7)
     small.add(x)
     assert small.n == 7
+
+
+def test_latent_weights_round_to_gptq_and_keep_their_distance_to_the_grid():
+    conv, x = _layer()
+    acc = HessianAccumulator(conv)
+    acc.add(x)
+    w = conv.weight.detach().reshape(16, -1)
+    s = w.abs().amax(1) / 7
+    lat = gptq_latent(w, acc.hessian(), s, -8, 7)
+    assert torch.equal(fake_quantize(lat, s[:, None], torch.zeros(16, 1), -8, 7), gptq_round(w, acc.hessian(), s, -8, 7))
+    frac = (lat / s[:, None]) % 1
+    assert ((frac > 0.05) & (frac < 0.95)).float().mean() > 0.5  # off the grid: a learned rounding can start there
+    assert torch.equal(lat[:, 0], w[:, 0])  # the first column has no earlier errors to take in

@@ -66,6 +66,20 @@ def test_units_are_judged_on_the_images_they_did_not_train_on(nearest_qckpt, ima
         api.finetune(str(nearest_qckpt), str(images_dir), TaskQConfig(val_images=2, **TINY, sparse=False), images=2)
 
 
+def test_gptq_start_begins_every_unit_below_round_to_nearest(nearest_qckpt, images_dir):
+    # one step at a tiny rate: the units' starting losses, measured on the training images (plain MSE, whole maps)
+    kw = {"iters": 1, "sensitivity": 0, "lr_round": 1e-9, "lr_scale": 1e-9, "lr_bias": 0}
+    _, near = _finetune(nearest_qckpt, images_dir, **kw)
+    _, gptq = _finetune(nearest_qckpt, images_dir, start_rounding="gptq", **kw)
+    before = [(a["unit"], a["loss_before"], b["loss_before"]) for a, b in zip(near["units"], gptq["units"])]
+    assert before[0][2] == before[0][1]  # the first layer keeps 8-bit weights: rounded to nearest either way
+    assert before[1][2] < before[1][1], before[1]  # the same input: GPTQ's rounding alone lowers its error
+    assert sum(g for _, _, g in before) < 0.85 * sum(n for _, n, _ in before), before
+    assert sum(g < n for _, n, g in before[1:]) >= 0.8 * len(before[1:]), before
+    with pytest.raises(YoloqError, match="start_rounding"):
+        TaskQConfig(start_rounding="gptq-ish")
+
+
 def test_flip_adds_the_mirror_of_every_training_image_and_keeps_the_judged_ones_last(nearest_qckpt, images_dir,
                                                                                      monkeypatch):
     seen = []

@@ -52,6 +52,15 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int,
 
     Returns dequantized values on the grid, same shape as w.
     """
+    s = scale[:, None]
+    return fake_quantize(gptq_latent(w, h, scale, qmin, qmax, damp, block), s, torch.zeros_like(s), qmin, qmax)
+
+
+def gptq_latent(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """GPTQ's compensated weights: each column as it stood when GPTQ rounded it, with the errors of the columns
+    before it moved in. Rounding them to nearest gives GPTQ's result; left unrounded, they start a learned rounding
+    (AdaRound) at GPTQ's choice with each weight's distance to its neighbours on the grid intact."""
     w = w.clone().float()
     h = h.clone().float()
     d = w.shape[1]
@@ -62,9 +71,9 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int,
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError:  # numerically singular even after damping: plain rounding is the safe answer
-        return fake_quantize(w, scale[:, None], torch.zeros_like(scale)[:, None], qmin, qmax)
+        return w
     s, z = scale[:, None], torch.zeros_like(scale)[:, None]
-    q = torch.zeros_like(w)
+    latent = torch.zeros_like(w)
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
@@ -72,9 +81,9 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int,
         for i in range(i2 - i1):
             col = w1[:, i : i + 1]
             qc = fake_quantize(col, s, z, qmin, qmax)
-            q[:, i1 + i : i1 + i + 1] = qc
+            latent[:, i1 + i : i1 + i + 1] = col
             e = (col - qc) / hinv1[i, i]
             w1[:, i:] -= e @ hinv1[i : i + 1, i:]
             err1[:, i : i + 1] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q
+    return latent
