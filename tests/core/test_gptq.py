@@ -6,20 +6,21 @@ from yoloq.core.gptq import HessianAccumulator, gptq_latent, gptq_round
 
 
 def _layer():
+    """A conv, its inputs, its weights as rows, their per-row 4-bit steps, and the inputs' Hessian."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 16, 3, padding=1)
     x = torch.randn(4, 32, 16, 16) * torch.linspace(0.1, 3, 32)[None, :, None, None]
-    return conv, x + 0.5 * x.roll(1, 1)  # correlated channels of unequal power, as real feature maps
-
-
-def test_gptq_lowers_output_error_and_stays_on_the_grid():
-    conv, x = _layer()
+    x = x + 0.5 * x.roll(1, 1)  # correlated channels of unequal power, as real feature maps
     acc = HessianAccumulator(conv)
     acc.add(x)
     w = conv.weight.detach().reshape(16, -1)
-    s = w.abs().amax(1) / 7
+    return conv, x, w, w.abs().amax(1) / 7, acc.hessian()
+
+
+def test_gptq_lowers_output_error_and_stays_on_the_grid():
+    conv, x, w, s, h = _layer()
     rtn = fake_quantize(w, s[:, None], torch.zeros(16, 1), -8, 7)
-    g = gptq_round(w, acc.hessian(), s, -8, 7)
+    g = gptq_round(w, h, s, -8, 7)
 
     def err(q):
         return (F.conv2d(x, q.reshape_as(conv.weight)) - F.conv2d(x, conv.weight)).pow(2).mean()
@@ -43,13 +44,9 @@ def test_hessian_matches_im2col_second_moment_and_subsamples():
 
 
 def test_latent_weights_round_to_gptq_and_keep_their_distance_to_the_grid():
-    conv, x = _layer()
-    acc = HessianAccumulator(conv)
-    acc.add(x)
-    w = conv.weight.detach().reshape(16, -1)
-    s = w.abs().amax(1) / 7
-    lat = gptq_latent(w, acc.hessian(), s, -8, 7)
-    assert torch.equal(fake_quantize(lat, s[:, None], torch.zeros(16, 1), -8, 7), gptq_round(w, acc.hessian(), s, -8, 7))
+    _, _, w, s, h = _layer()
+    lat = gptq_latent(w, h, s, -8, 7)
+    assert torch.equal(fake_quantize(lat, s[:, None], torch.zeros(16, 1), -8, 7), gptq_round(w, h, s, -8, 7))
     frac = (lat / s[:, None]) % 1
     assert ((frac > 0.05) & (frac < 0.95)).float().mean() > 0.5  # off the grid: a learned rounding can start there
     assert torch.equal(lat[:, 0], w[:, 0])  # the first column has no earlier errors to take in
