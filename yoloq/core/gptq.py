@@ -70,7 +70,7 @@ def gptq_latent(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int
     h += torch.eye(d) * damp * torch.diag(h).mean()
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # numerically singular even after damping: plain rounding is the safe answer
+    except RuntimeError:  # numerically singular even after damping: the weights as they are (rounded to nearest)
         return w
     s, z = scale[:, None], torch.zeros_like(scale)[:, None]
     latent = torch.zeros_like(w)
