@@ -67,7 +67,8 @@ def test_units_are_judged_on_the_images_they_did_not_train_on(nearest_qckpt, ima
 
 
 def test_gptq_start_begins_every_unit_below_round_to_nearest(nearest_qckpt, images_dir):
-    # one step at a tiny rate: the units' starting losses, measured on the training images (plain MSE, whole maps)
+    # one step at a tiny rate keeps every unit at its start, so each next unit is fed the starting rounding of those
+    # before it; loss_before: the units' starting losses on the training images (plain MSE, whole maps)
     kw = {"iters": 1, "sensitivity": 0, "lr_round": 1e-9, "lr_scale": 1e-9, "lr_bias": 0}
     _, near = _finetune(nearest_qckpt, images_dir, **kw)
     _, gptq = _finetune(nearest_qckpt, images_dir, start_rounding="gptq", **kw)

@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yoloq.core.gptq import HessianAccumulator, gptq_latent
+from yoloq.core.gptq import gptq_latent
 from yoloq.core.modules import QConv2d, iter_quantizers
 from yoloq.core.quantizer import MIN_ACT_SCALE, FakeQuantizer
 from yoloq.errors import YoloqError
+from yoloq.methods.ptq import InputStats
 from yoloq.model import yolo
 from yoloq.ui import hide_on_error, progress
 
@@ -516,19 +517,16 @@ class UnitTrainer:
         """Replace each low-bit conv's weights by GPTQ's compensated ones (gptq_latent), from its inputs on whole maps
         of the training images, in one pass through the unit as it stands (later convs see the earlier ones rounded
         to nearest). The float reference is a separate model, so it keeps the original weights."""
-        convs = [m for m in self.convs if m.conv.groups == 1 and m.weight_quantizer.spec.bits < 8]
-        accs = {m: HessianAccumulator(m.conv) for m in convs}
-        hooks = [m.register_forward_pre_hook(lambda mod, args: accs[mod].add(args[0])) for m in convs]
+        stats = InputStats(nn.ModuleList(self.q_mods), hessians=True)  # calibration's GPTQ choice of convs
         try:
             for k in range(len(ins_q[0])):
                 for mod, x in zip(self.q_mods, ins_q):
                     mod(x[k])
         finally:
-            for h in hooks:
-                h.remove()
-        for m in convs:
+            stats.remove()
+        for m, acc in stats.hess.items():
             wq, w = m.weight_quantizer, m.conv.weight
-            lat = gptq_latent(w.reshape(w.shape[0], -1), accs[m].hessian(), wq.scale.detach().reshape(-1),
+            lat = gptq_latent(w.reshape(w.shape[0], -1), acc.hessian(), wq.scale.detach().reshape(-1),
                               wq.spec.qmin, wq.spec.qmax)
             w.copy_(lat.reshape_as(w))
 
