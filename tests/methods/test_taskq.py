@@ -92,8 +92,8 @@ def _low_bit_weights(qm) -> list[torch.Tensor]:
 
 
 def test_a_unit_put_back_after_gptq_start_keeps_gptq_rounding(tmp_path, images_dir, lively_model, monkeypatch):
-    # W4A8: no accumulator range is re-capped after training (W4A4's are, and only in the units that keep it, which
-    # would feed the next units' GPTQ other inputs in the runs compared)
+    # W4A8: there the kept and the put-back runs feed each later unit the same inputs, so GPTQ rounds alike in both
+    # (at W4A4 their weights part from layer 3 on, cause not traced; GPTQ's rounding follows its inputs)
     qckpt = api.save(api.calibrate(lively_model, str(images_dir), Recipe(4, 8, "mse", bias_correction=False,
                                                                           weight_rounding="nearest", images=2,
                                                                           imgsz=SZ)), tmp_path / "w4a8.qpt")
