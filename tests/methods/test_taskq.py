@@ -91,22 +91,19 @@ def _low_bit_weights(qm) -> list[torch.Tensor]:
     return [m.conv.weight.detach().clone() for m in _low_bit_convs(qm)]
 
 
-def test_a_unit_put_back_after_gptq_start_keeps_gptq_rounding(tmp_path, images_dir, lively_model, monkeypatch):
-    # W4A8: there the kept and the put-back runs feed each later unit the same inputs, so GPTQ rounds alike in both
-    # (at W4A4 their weights part from layer 3 on, cause not traced; GPTQ's rounding follows its inputs)
-    qckpt = api.save(api.calibrate(lively_model, str(images_dir), Recipe(4, 8, "mse", bias_correction=False,
-                                                                          weight_rounding="nearest", images=2,
-                                                                          imgsz=SZ)), tmp_path / "w4a8.qpt")
+def test_a_unit_put_back_after_gptq_start_keeps_gptq_rounding(nearest_qckpt, images_dir, monkeypatch):
+    # the kept and the put-back runs must feed each later unit the same inputs, GPTQ's rounding follows them (at
+    # W4A4 they parted from layer 3 on while keeping a unit bounded its accumulator range a second time)
     kw = {"iters": 1, "lr_round": 1e-9, "lr_scale": 1e-9, "lr_bias": 0, "val_images": 1}
-    kept, _ = _finetune(qckpt, images_dir, start_rounding="gptq", **kw)  # trained a step at a tiny rate
+    kept, _ = _finetune(nearest_qckpt, images_dir, start_rounding="gptq", **kw)  # trained a step at a tiny rate
     real_finish, real_evaluate = taskq.UnitTrainer.finish, taskq.UnitTrainer.evaluate
     monkeypatch.setattr(taskq.UnitTrainer, "finish", lambda self: setattr(self, "trained", True) or real_finish(self))
     # every unit ends worse than it started on the held-back image, so every unit is put back
     monkeypatch.setattr(taskq.UnitTrainer, "evaluate",
                         lambda self, *a, **k: real_evaluate(self, *a, **k) + 1e9 * getattr(self, "trained", False))
-    back, rep = _finetune(qckpt, images_dir, start_rounding="gptq", **kw)
+    back, rep = _finetune(nearest_qckpt, images_dir, start_rounding="gptq", **kw)
     assert not any(u["kept"] for u in rep["units"])
-    start = api.load_quantized(qckpt)
+    start = api.load_quantized(nearest_qckpt)
     with torch.no_grad():
         near = [m.weight_quantizer(w) for m, w in zip(_low_bit_convs(start), _low_bit_weights(start))]
     kept_w = _low_bit_weights(kept)
@@ -116,7 +113,7 @@ def test_a_unit_put_back_after_gptq_start_keeps_gptq_rounding(tmp_path, images_d
         differ += int((~torch.isclose(b, n, rtol=1e-4, atol=1e-6)).sum())
     total = sum(w.numel() for w in kept_w)
     assert same >= 0.999 * total, same / total  # put back to GPTQ's rounding: the untrained GPTQ start, baked
-    assert differ > 0.02 * total, differ / total  # ... not to round-to-nearest (7% here)
+    assert differ > 0.02 * total, differ / total  # ... not to round-to-nearest (61% here)
 
 
 def test_at_8_bit_activations_units_start_at_gptq_and_are_judged_on_an_eighth_of_the_images():

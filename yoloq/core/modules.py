@@ -154,9 +154,17 @@ class QConv2d(nn.Module):
         cap = silu_inverse(top)
         if top <= 0 or cap >= hi:
             return
+
+        def fits() -> bool:
+            return round(self.max_output() / s_out) + z_out <= out.spec.qmax
+
+        # set_range rounds the zero point, so a bounded range can end a little above the cap: bounding again would
+        # shrink it once more each time (fine-tuning re-bounds every unit it keeps)
+        if fits():
+            return
         for _ in range(50):  # the gate's rounding can push y = a * q(sigmoid(a)) a little up: shrink until it fits
             acc.set_range(torch.tensor([lo]), torch.tensor([cap]))
-            if round(self.max_output() / s_out) + z_out <= out.spec.qmax:
+            if fits():
                 break
             cap *= 0.995
 
