@@ -299,10 +299,10 @@ def test_sparse_branch_round_trips_and_exports_with_parity(nearest_qckpt, images
 
 
 def test_layer_wise_adaround_runs_one_conv_at_a_time(nearest_qckpt, images_dir):
-    qm, rep = _finetune(nearest_qckpt, images_dir, method="adaround", iters=2)
+    qm, rep = _finetune(nearest_qckpt, images_dir, method="adaround", iters=6)
     assert len(rep["units"]) == 16 + 1  # the head is one unit, trained conv by conv
-    # never worse (a unit that ends worse keeps its start); the 4-bit convs after the 8-bit first one improve even in
-    # 2 steps, while the first conv's 129 weight levels leave 2 steps nothing to gain over rounding to nearest
+    # never worse (a unit that ends worse keeps its start); the 4-bit convs after the 8-bit first one improve in 6
+    # steps (in 2, layer 1 gained only through accumulator ranges bounded a second time, which no longer happens)
     assert all(u["loss_after"] <= u["loss_before"] for u in rep["units"])
     assert all(u["loss_after"] < u["loss_before"] for u in rep["units"][1:5])
 
