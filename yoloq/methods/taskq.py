@@ -641,7 +641,7 @@ class UnitTrainer:
         if not kept:  # a short schedule can end worse than it started (measured on whole maps): keep the start
             for m, sd in zip(self.q_mods, start):
                 m.load_state_dict(sd)
-            with torch.no_grad():  # round-to-nearest written into the weights, as a baked rounding would be
+            with torch.no_grad():  # the start rounded to nearest (with GPTQ's start: its rounding) and baked
                 for m in self.convs:
                     m.conv.weight.copy_(m.weight_quantizer(m.conv.weight))
             after = before
