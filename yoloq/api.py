@@ -133,6 +133,12 @@ def _reconstruction_recipe(weight_bits: int | None, act_bits: int | None, images
                   images=images or Recipe.images, imgsz=imgsz or 640)
 
 
+def _qat_start_recipe(rebuilt: bool, weight_bits: int | None, act_bits: int | None, images: int) -> Recipe:
+    """How a float model is quantized before QAT: reconstructed (TASKQ), or calibrated with the calibrate defaults."""
+    return (_reconstruction_recipe(weight_bits, act_bits, images, None) if rebuilt
+            else Recipe(weight_bits or 4, act_bits or 4, images=images))
+
+
 def float_of(qm: QuantizedModel):
     """The float model a checkpoint was made from: its source file when still there unchanged (sha256), else the
     checkpoint's own weights with the quantizers off (exact unless they were rounded in place, as GPTQ does)."""
@@ -197,9 +203,7 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
         float_model, qm = load_float(source), None
         cfg = replace(cfg, start=cfg.start or "taskq")
         rebuilt = cfg.start == "taskq"
-        n = min(len(ds.images), Recipe.images)
-        recipe = (_reconstruction_recipe(weight_bits, act_bits, n, None) if rebuilt
-                  else Recipe(weight_bits or 4, act_bits or 4, images=n))
+        recipe = _qat_start_recipe(rebuilt, weight_bits, act_bits, min(len(ds.images), Recipe.images))
     cfg = cfg.for_start(recipe, rebuilt)
     work = Path(f"{out}.data")
     fingerprint = {"source": str(source), "source_sha256": sha256_file(source) if Path(source).is_file() else None,

@@ -3,6 +3,7 @@ torchrun with two processes, and refuses labels it cannot use."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -230,6 +231,12 @@ def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_m
     start = Path(f"{out}.start.qpt")
     cfg = QATConfig(batch=2, epochs=1, distill=0.0, start_iters=1)
     real_run = qat.run
+    start_recipe = api._qat_start_recipe
+
+    def small_start(monkeypatch):  # the flow, not the size, is tested: the 640 default costs minutes here
+        monkeypatch.setattr(api, "_qat_start_recipe", lambda *a: dataclasses.replace(start_recipe(*a), imgsz=SZ))
+
+    small_start(monkeypatch)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -250,6 +257,7 @@ def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_m
     assert out.exists() and not start.exists()
     # calibration alone on request; a checkpoint is its own start
     monkeypatch.undo()
+    small_start(monkeypatch)
     ptq, _ = api.qat(lively_model, str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0, start="ptq"),
                      tmp_path / "ptq.qpt")
     assert [h["method"] for h in ptq.provenance["history"] if h.get("step") == "finetune"] == ["hqod"]
