@@ -234,6 +234,22 @@ def test_without_gradients_fake_quantize_takes_the_plain_path():
     assert torch.equal(y, (torch.clamp(torch.round(x.detach() / 0.25) + 3, 0, 15) - 3) * 0.25)
 
 
+@pytest.mark.parametrize(("x_shape", "s_shape", "z_shape"), [
+    ((1, 300), (64, 1), (64, 1)),  # a range search: candidates x histogram bins
+    ((8, 27), (8, 1), (8, 1)),  # weights per output channel
+    ((2, 8, 5, 5), (), ()),  # per tensor
+    ((16,), (), (4, 16)),  # a zero point wider than x / scale: the op-by-op path
+])
+def test_without_gradients_fake_quantize_is_bit_identical_to_quantize_then_dequantize(x_shape, s_shape, z_shape):
+    g = torch.Generator().manual_seed(0)
+    x = 4 * torch.randn(x_shape, generator=g)
+    scale = 0.05 + torch.rand(s_shape, generator=g)
+    zp = torch.randint(0, 16, z_shape, generator=g).float()
+    want = dequantize(quantize(x, scale, zp, 0, 15), scale, zp)
+    got = fake_quantize(x, scale, zp, 0, 15)
+    assert torch.equal(got, want) and not torch.equal(got, x)
+
+
 def test_dither_makes_the_rounding_error_independent_of_x_with_the_fused_gradients():
     g = torch.Generator().manual_seed(0)
     x = torch.linspace(0.2, 4.0, 50_001).requires_grad_(True)  # inside [0, 15] steps of 0.3 (zero point 0)

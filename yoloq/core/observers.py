@@ -68,7 +68,7 @@ def histogram_sq_error(
         q = fake_quantize(centers[None], s, z, spec.qmin, spec.qmax)
         if after is not None:
             q = after(q)
-        errs.append(((q - target[None]) ** 2 * counts[None]).sum(1))
+        errs.append(q.sub_(target[None]).pow_(2).mul_(counts[None]).sum(1))  # ((q - t)^2 * n), on q's buffer
     return torch.cat(errs)
 
 
@@ -204,14 +204,15 @@ class WeightMSEObserver(MinMaxObserver):
 
     def compute(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.w
-        a = torch.ones_like(w) if self.importance is None else _channel_view(self.importance.float(), self.axis)
+        a = None if self.importance is None else _channel_view(self.importance.float(), self.axis)
         amax = torch.maximum(-self.lo, self.hi).clamp_min(1e-8)
         best_err = torch.full_like(amax, float("inf"))
         best = amax.clone()
         for r in torch.linspace(0.3, 1.0, 71):
             clip = amax * r
             scale, zp = choose_qparams(-clip, clip, spec.qmin, spec.qmax, True)
-            err = (a * (fake_quantize(w, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - w) ** 2).sum(1)
+            err = fake_quantize(w, scale[:, None], zp[:, None], spec.qmin, spec.qmax).sub_(w).pow_(2)  # its own buffer
+            err = (err if a is None else err.mul_(a)).sum(1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, clip, best)
