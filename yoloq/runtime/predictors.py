@@ -29,10 +29,14 @@ class TorchPredictor:
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor) -> np.ndarray:
-        torch.set_num_threads(self.threads)
-        with self._yolo.export_head(self.model, self.imgsz):
-            device = next(self.model.parameters()).device
-            return self._yolo.forward_raw(self.model, x.to(device)).cpu().numpy()
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # the timed thread count, for this call only: the caller keeps its own
+        try:
+            with self._yolo.export_head(self.model, self.imgsz):
+                device = next(self.model.parameters()).device
+                return self._yolo.forward_raw(self.model, x.to(device)).cpu().numpy()
+        finally:
+            torch.set_num_threads(before)
 
 
 class OrtPredictor:
