@@ -6,13 +6,8 @@ from PyPI) at a reduced size on a few images.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
-
-# One torch thread unless asked otherwise: the tiny models here are too small to share out, and on two cores a
-# second thread mostly waited (timed predictors still set their own count)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2
 import numpy as np
