@@ -57,12 +57,33 @@ def test_int4_packing(images_dir, tmp_path):
     assert np.abs(a - b).max() < 1e-3
 
 
-def test_low_bit_activations_stay_in_range(images_dir, tmp_path):
+def test_low_bit_activations_stay_in_range(qckpts, images_dir, tmp_path):
     qm = api.calibrate("yolov8n.yaml", str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=IMGSZ))
     out = tmp_path / "m.onnx"
     api.export(qm, out)
-    clips = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Clip"]
-    assert clips, "4-bit activations need a Clip in front of their uint8 QuantizeLinear"
+    g = onnx.load(str(out)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    clips = [n for n in g.node if n.op_type == "Clip"]
+    assert clips, "4-bit activations need a Clip on their uint8 codes"
+    # on the codes, between Q and DQ: a float Clip in front of the Q would stop ORT's QLinearAdd/QLinearConcat fusion
+    for c in clips:
+        assert producer[c.input[0]].op_type == "QuantizeLinear", c.name
+        assert {u.op_type for u in users[c.output[0]]} == {"DequantizeLinear"}, c.name
+    # and ORT runs the residual Adds and the Concats in int8 as it does at W8A8
+    fused = {}
+    for name, path in (("w4a4", out), ("w8a8", tmp_path / "w8a8.onnx")):
+        if name == "w8a8":
+            api.export(qckpts["yolov8n.yaml"], path)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{name}-opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(str(tmp_path / f"{name}-opt.onnx")).graph.node]
+        fused[name] = (ops.count("QLinearAdd"), ops.count("QLinearConcat"), ops.count("QLinearConv"))
+    assert fused["w4a4"] == fused["w8a8"] and min(fused["w4a4"]) > 0, fused
     q = qm.model.model[1].output_quantizer
     x = torch.randn(1000) * 10
     codes = torch.round(q(x) / q.scale + q.zero_point)

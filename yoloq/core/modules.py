@@ -137,7 +137,7 @@ class QConv2d(nn.Module):
 
     def bound_accumulator(self) -> None:
         """Below 8 bits, cap the pre-SiLU range at SiLU^-1 of the output's top, so the output never exceeds its
-        low-bit range and the export needs no Clip (which would stop ORT fusing Sigmoid/Mul into int8 kernels).
+        low-bit range and the export needs no Clip on its codes.
 
         Lossless up to the gate-rounding margin: any larger pre-activation would have been clipped by the output
         quantizer anyway; the accumulator gets a finer step in exchange.
