@@ -6,6 +6,7 @@ from PyPI) at a reduced size on a few images.
 
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,19 @@ import pytest
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
 IMGSZ = 96
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini" / "train2017"
+
+
+def ort_optimized(path: Path, work: Path):
+    """An ONNX Runtime CPU session with every graph optimization, and the op counts of the graph it runs (which
+    ops ORT fused into int8 kernels)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(work / f"{Path(path).stem}-opt.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess, collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
 @pytest.fixture(scope="session")

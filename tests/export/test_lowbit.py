@@ -1,15 +1,14 @@
 """4-bit activations at int8 speed: the SiLU output needs no Clip once the accumulator range is capped."""
 
-import collections
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from yoloq.core.functional import silu_inverse
 from yoloq.core.modules import QConv2d
+
+from ..conftest import ort_optimized
 
 
 def _calibrated_layer(seed: int = 0):
@@ -62,10 +61,7 @@ def test_capped_accumulator_keeps_output_in_range_and_drops_the_clip(tmp_path):
     clips = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Clip"]
     assert clips and all("input_quantizer" in c for c in clips)  # only the input (no producer bound) is clipped
 
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    sess, ops = ort_optimized(path, tmp_path)
     assert ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1
     for q in m.quantizers().values():
         q.export_mode = None

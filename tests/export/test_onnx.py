@@ -9,7 +9,7 @@ import torch
 from yoloq import api
 from yoloq.recipe import Recipe
 
-from ..conftest import IMGSZ
+from ..conftest import IMGSZ, ort_optimized
 
 
 def test_ultralytics_runs_the_export(qckpts, images_dir, tmp_path):
@@ -77,11 +77,8 @@ def test_low_bit_activations_stay_in_range(qckpts, images_dir, tmp_path):
     api.export(qckpts["yolov8n.yaml"], tmp_path / "w8a8.onnx")
     fused = {}
     for name, path in (("w4a4", out), ("w8a8", tmp_path / "w8a8.onnx")):
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(tmp_path / f"{name}-opt.onnx")
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(str(tmp_path / f"{name}-opt.onnx")).graph.node]
-        fused[name] = (ops.count("QLinearAdd"), ops.count("QLinearConcat"), ops.count("QLinearConv"))
+        ops = ort_optimized(path, tmp_path)[1]
+        fused[name] = (ops["QLinearAdd"], ops["QLinearConcat"], ops["QLinearConv"])
     assert fused["w4a4"] == fused["w8a8"] and min(fused["w4a4"]) > 0, fused
     q = qm.model.model[1].output_quantizer
     x = torch.randn(1000) * 10

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import collections
 import copy
 
 import numpy as np
@@ -24,7 +23,7 @@ from yoloq.core.modules import QConv2d, iter_quantizers
 from yoloq.data.datasets import iter_batches, resolve_data
 from yoloq.model import yolo
 
-from ..conftest import FAMILIES, IMGSZ
+from ..conftest import FAMILIES, IMGSZ, ort_optimized
 
 LEVELS = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
@@ -130,11 +129,7 @@ def test_w4a4_with_shared_concat_grids_agrees_and_keeps_concats_int8(level, imag
     assert sum(q.shared for _, q in iter_quantizers(qm.model)) >= 8
     assert _head_agreement(qm, level, images_dir, tmp_path) >= 0.99
     # a shared quantizer's consumer gets no Clip (its inputs already lie on the grid), so ORT runs the Concat in int8
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    ops = ort_optimized(tmp_path / "m.onnx", tmp_path)[1]
     inner = sum(1 for x in qm.model.modules() if yolo._concat_parts(x) is not None)
     assert ops["QLinearConcat"] >= inner, ops
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -14,7 +10,7 @@ from yoloq.core.modules import QConv2d, QuantizedOutput
 from yoloq.model import yolo
 from yoloq.recipe import Recipe
 
-from ..conftest import FAMILIES
+from ..conftest import FAMILIES, ort_optimized
 
 
 def _quantized(fam: str, **kw):
@@ -84,11 +80,7 @@ def test_end2end_head_keeps_only_the_one_to_one_branch():
 def test_ort_runs_every_trunk_conv_as_int8(fam, qckpts, tmp_path):
     out = tmp_path / "m.onnx"
     api.export(qckpts[fam], out)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    ops = ort_optimized(out, tmp_path)[1]
     n_convs = sum(1 for x in api.load_quantized(qckpts[fam]).model.modules() if isinstance(x, QConv2d))
     # every conv but the head's six final ones (float outputs into the decode) is an int8 kernel
     assert ops["QLinearConv"] == n_convs - 6
