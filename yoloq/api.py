@@ -103,7 +103,7 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
     else:
         recipe = _reconstruction_recipe(weight_bits, act_bits, images, imgsz)
     ds = ds.take(images or recipe.images)
-    cfg = cfg.for_bits(recipe.act_bits, len(ds.images))
+    cfg = cfg.for_bits(recipe.act_bits)
     state = None
     if out is not None:
         fingerprint = {"source": str(source), "source_sha256": sha256_file(source) if Path(source).is_file() else None,
