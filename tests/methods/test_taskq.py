@@ -125,6 +125,9 @@ def test_by_default_units_start_at_nearest_and_train_on_every_image_at_any_bit_w
     assert TaskQConfig(val_images=3).for_bits(4).val_images == 3
     with pytest.raises(YoloqError, match="val_images"):
         TaskQConfig(val_images=-1)
+    for m in ("block-mse", "brecq", "qdrop", "adaround"):  # the baselines as their papers have them
+        p8 = TaskQConfig.preset(m).for_bits(8)
+        assert (p8.start_rounding, p8.val_images) == ("nearest", 0)
 
 
 def test_flip_adds_the_mirror_of_every_training_image_and_keeps_the_judged_ones_last(nearest_qckpt, images_dir,

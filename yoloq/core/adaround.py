@@ -29,7 +29,7 @@ ZETA, GAMMA = 1.1, -0.1
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     """h(V): a sigmoid stretched to (GAMMA, ZETA) and clipped to [0, 1], so exact 0 and 1 are reachable."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    return _h_and_interior(v)[1]
 
 
 def init_v(frac: torch.Tensor) -> torch.Tensor:
@@ -139,9 +139,6 @@ class AdaRound(nn.Module):
                 parts = _h_and_interior(self.v)
         self._memo = (key, *parts) if not reuse else None
         return parts
-
-    def h(self) -> torch.Tensor:
-        return rectified_sigmoid(self.v)
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
         """Soft-rounded weight on the grid of `scale` (per output channel); differentiable in V and scale."""
