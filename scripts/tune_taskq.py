@@ -23,6 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from bench_ptq import cpu_info  # noqa: E402
+
 from yoloq import api  # noqa: E402
 from yoloq.data.datasets import Dataset, resolve_data  # noqa: E402
 from yoloq.demo_model import demo_model_path  # noqa: E402
@@ -88,7 +91,9 @@ def main() -> None:
     qm, rep = api.finetune(model, ds, cfg, None, w, a, args.images, args.imgsz)
     row = {"bits": args.bits, "method": args.method, "set": over, "images": args.images, "held_out_from": start,
            "fold": None if args.fold is None else f"{args.fold}/{args.folds}",
-           "seconds": round(time.perf_counter() - t, 1), "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]]}
+           "seconds": round(time.perf_counter() - t, 1), "sparse": [r["tensor"] for r in rep["sparse"] if r["chosen"]],
+           # a fold's score moves by a few hundredths with the CPU and the thread count alone (docs/methods.md)
+           "cpu": cpu_info()["cpu"], "threads": torch.get_num_threads()}
     # named by the settings (str hash() changes per process, so a digest)
     tag = hashlib.sha256(json.dumps(over, sort_keys=True).encode()).hexdigest()[:8]
     path = out / f"W{w}A{a}-{args.method}-{tag}.onnx"
