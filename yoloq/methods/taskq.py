@@ -71,8 +71,8 @@ class TaskQConfig:
     # quantized inputs (its training images), so the rounding starts where GPTQ would round and a unit put back
     # (val_images) falls back to GPTQ's rounding, not to nearest. Alone it did not pay (W4A8, two folds: each unit
     # starts at 20-77% of round-to-nearest's loss and ends near the same trained loss; held out 0.788 against 0.806).
-    # With val_images 8 it was the W4A8 default from 2026-12-06 to 12-07: over all five folds it tied nearest on all
-    # 64 images (held out 0.817 both, all 80 0.897 against 0.905) at 5% more time, so the simpler one is the default
+    # With val_images 8 it was the W4A8 default from 2026-12-06 to 12-07: over all five folds it did not beat nearest
+    # on all 64 images (held out 0.814 against 0.819, all 80 0.897 against 0.900) at 5% more time, so nearest it is
     start_rounding: str = "nearest"
     # QDrop: each activation quantizer in the unit and each element of its input falls back to float with this
     # probability. Off in TASKQ: W4A4 held out 0.648 with 0.5 against 0.688 without; W4A8, two folds, held out level
