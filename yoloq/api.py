@@ -19,7 +19,7 @@ from yoloq import checkpoint
 from yoloq.checkpoint import QuantizedModel
 from yoloq.data.datasets import Dataset, resolve_data
 from yoloq.errors import YoloqError
-from yoloq.io import sha256_file
+from yoloq.io import image_digests, sha256_file
 from yoloq.methods import METHODS, build_quantized
 from yoloq.model import yolo
 from yoloq.recipe import Recipe
@@ -41,6 +41,7 @@ def calibrate(source: str, data: str | Dataset, recipe: Recipe) -> QuantizedMode
         "source_sha256": sha256_file(source) if Path(source).is_file() else None,
         "data": ds.source,
         "calibration_images": len(ds.images),
+        "seen_images": image_digests(ds.images),
         "created": datetime.now(timezone.utc).isoformat(),
         "yoloq": __import__("yoloq").__version__,
         "torch": torch.__version__,
@@ -120,10 +121,16 @@ def finetune(source: str, data: str | Dataset, cfg, out: str | Path | None = Non
         qm = calibrate(source, ds, recipe)
     images_ = [x for _, _, x in iter_batches(ds, recipe.imgsz)]
     qm, report = taskq.run(qm, images_, cfg, state)
+    _record_seen(qm, ds)
     if out is not None:
         save(qm, out)
         state.remove()
     return qm, report
+
+
+def _record_seen(qm: QuantizedModel, ds: Dataset) -> None:
+    """Add the images a method trained on to those the checkpoint has seen: `yoloq eval` says when it meets them."""
+    qm.provenance["seen_images"] = sorted(set(qm.provenance.get("seen_images", [])) | set(image_digests(ds.images)))
 
 
 def _reconstruction_recipe(weight_bits: int | None, act_bits: int | None, images: int | None,
@@ -222,6 +229,7 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
         qm = (_taskq_start(source, fingerprint["source_sha256"], ds, recipe, cfg, start_path, dist) if rebuilt
               else calibrate(source, ds, recipe))
     qm, report = qat_method.run(qm, work / "images", cfg, state, dist, float_model if cfg.distill else None)
+    _record_seen(qm, ds)
     if dist.main:
         report["labels"] = note
         report["start"] = {"taskq": f"TASKQ reconstruction ({cfg.start_iters} steps per unit)", "ptq": "calibration",

@@ -19,6 +19,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def image_digest(path: str | Path) -> str:
+    """A short content digest of an image file: which images a model was calibrated or trained on, by content, so
+    that copies and renamed files are recognised where `yoloq eval` meets them again."""
+    return sha256_file(path)[:16]
+
+
+def image_digests(paths) -> list[str]:
+    return sorted({image_digest(p) for p in paths})
+
+
 def check_writable(path: str | Path) -> Path:
     path = Path(path)
     parent = path.parent

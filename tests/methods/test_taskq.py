@@ -12,6 +12,7 @@ from torch import nn
 from yoloq import api
 from yoloq.core.modules import iter_quantizers
 from yoloq.errors import YoloqError
+from yoloq.io import image_digests
 from yoloq.methods import taskq
 from yoloq.methods.taskq import TaskQConfig
 from yoloq.recipe import Recipe
@@ -56,7 +57,10 @@ def test_reconstruction_lowers_the_loss_of_every_kind_of_unit(nearest_qckpt, ima
 
 def test_units_are_judged_on_the_images_they_did_not_train_on(nearest_qckpt, images_dir):
     cfg = TaskQConfig.preset("taskq", **{**TINY, "sparse": False, "iters": 6, "val_images": 1})
-    _, rep = api.finetune(str(nearest_qckpt), str(images_dir), cfg, images=3)
+    qm, rep = api.finetune(str(nearest_qckpt), str(images_dir), cfg, images=3)
+    # calibrated on two images, fine-tuned on three: the checkpoint has seen all three (yoloq eval says so)
+    assert len(api.load_quantized(nearest_qckpt).provenance["seen_images"]) == 2
+    assert qm.provenance["seen_images"] == image_digests(sorted(images_dir.iterdir())[:3])
     for u in rep["units"]:
         # judged on the held-back image, and the training images' loss reported beside it
         assert u["loss_before"] != u["train_loss_before"], u

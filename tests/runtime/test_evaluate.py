@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from yoloq.data.datasets import Dataset
+from yoloq.data.datasets import Dataset, resolve_data
 from yoloq.runtime.evaluate import coco_map, match_labels
 
 GT = [np.array([[0, 10, 10, 50, 50], [1, 60, 60, 90, 100]], np.float32), np.array([[0, 5, 5, 25, 45]], np.float32)]
@@ -55,3 +55,28 @@ def test_a_box_is_kept_once_per_class_above_conf_as_ultralytics_validates():
     assert sorted(multi[:, 5].tolist()) == [0.0, 1.0] and sorted(multi[:, 4].tolist()) == pytest.approx([0.5, 0.6])
     assert single[:, 5].tolist() == [0.0] and single[:, 4].tolist() == pytest.approx([0.6])
     assert yolo.postprocess(raw, False, 0.55, 0.7, 300, 2)[0].shape[0] == 1  # the second class is under conf
+
+
+
+def test_eval_says_how_many_images_the_model_was_calibrated_on(qckpts, images_dir, tmp_path):
+    """Images are known by content (a renamed copy counts as seen), and the exported ONNX carries them."""
+    import shutil
+
+    from yoloq import api
+    from yoloq.runtime.evaluate import evaluate
+    from yoloq.runtime.predictors import load_predictor
+
+    qckpt = qckpts["yolov8n.yaml"]  # calibrated on all four images
+    onnx = tmp_path / "m.onnx"
+    api.export(str(qckpt), onnx)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(images_dir / "bus.jpg", data / "renamed.jpg")
+    (data / "new.jpg").write_bytes((images_dir / "zidane.jpg").read_bytes() + b"\0")  # other bytes: a new image
+    ds = resolve_data(str(data))
+    for model in (qckpt, onnx):
+        rep = evaluate(load_predictor(str(model)), ds)
+        assert rep["seen_images"] == 1, model
+        assert any(n.startswith("1 of these 2 images were used to calibrate or fine-tune") for n in rep["notes"])
+    float_rep = evaluate(load_predictor("yolov8n.yaml", imgsz=rep["imgsz"]), ds)
+    assert "seen_images" not in float_rep and not any("fine-tune" in n for n in float_rep["notes"])

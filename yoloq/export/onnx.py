@@ -27,6 +27,7 @@ from yoloq.ui import hide_on_error, progress
 FORMATS = ("qdq", "fake")
 OPSET = 17
 INT4_OPSET = 21  # int4 tensors in DequantizeLinear
+SEEN_KEY = "yoloq_seen_images"  # metadata: digests of the images the model was calibrated or trained on
 
 
 def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str | None = None, imgsz: int | None = None) -> dict:
@@ -55,7 +56,10 @@ def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str
         if pack == "int4":
             m = onnx.version_converter.convert_version(m, INT4_OPSET)
             report["int4_tensors"] = pack_int4(m)
-        _stamp(m, yolo.onnx_metadata(model, imgsz, {"yoloq": f"{qm.recipe.name} {fmt}{' int4' if pack else ''}"}))
+        extra = {"yoloq": f"{qm.recipe.name} {fmt}{' int4' if pack else ''}"}
+        if qm.provenance.get("seen_images"):
+            extra[SEEN_KEY] = " ".join(qm.provenance["seen_images"])
+        _stamp(m, yolo.onnx_metadata(model, imgsz, extra))
         bar.update(task, advance=1, info=steps[2])
         onnx.checker.check_model(m)
         onnx.save(m, str(tmp))

@@ -152,6 +152,16 @@ def evaluate(predictor, ds: Dataset, reference=None, conf: float = 0.001, iou: f
         "ms_p90": float(np.percentile(times, 90)),
         "notes": list(ds.notes),
     }
+    if getattr(predictor, "seen", None):
+        from yoloq.io import image_digest
+
+        seen = sum(image_digest(p) in predictor.seen for p in ds.images)
+        report["seen_images"] = seen
+        if seen:
+            report["notes"].append(
+                f"{seen} of these {len(ds.images)} images were used to calibrate or fine-tune this model; a fine-tuned "
+                "model scores higher on the images it was fine-tuned on than on new ones (the demo's 4-bit models "
+                "by 0.1-0.25 fidelity; docs/methods.md, 'Scores on seen images')")
     gts, why = match_labels(ds, predictor.names)
     if gts is not None:
         r = coco_map(gts, dets, max_det)
