@@ -159,9 +159,9 @@ def evaluate(predictor, ds: Dataset, reference=None, conf: float = 0.001, iou: f
         report["seen_images"] = seen
         if seen:
             report["notes"].append(
-                f"{seen} of these {len(ds.images)} images were used to calibrate or fine-tune this model; a fine-tuned "
-                "model scores higher on the images it was fine-tuned on than on new ones (the demo's 4-bit models "
-                "by 0.1-0.25 fidelity; docs/methods.md, 'Scores on seen images')")
+                f"{seen} of these {len(ds.images)} images were used to calibrate or fine-tune this model: judge it on "
+                "images it has not seen (the demo's fine-tuned 4-bit models score 0.1-0.25 higher on their own "
+                "images than on new ones; docs/methods.md, 'Scores on seen images')")
     gts, why = match_labels(ds, predictor.names)
     if gts is not None:
         r = coco_map(gts, dets, max_det)
