@@ -57,7 +57,6 @@ def test_a_box_is_kept_once_per_class_above_conf_as_ultralytics_validates():
     assert yolo.postprocess(raw, False, 0.55, 0.7, 300, 2)[0].shape[0] == 1  # the second class is under conf
 
 
-
 def test_eval_says_how_many_images_the_model_was_calibrated_on(qckpts, images_dir, tmp_path):
     """Images are known by content (a renamed copy counts as seen), and the exported ONNX carries them."""
     import shutil
