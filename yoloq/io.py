@@ -1,4 +1,5 @@
-"""Atomic output files: write to a temp file beside the target, then rename, so no partial file is ever left."""
+"""Atomic output files (write to a temp file beside the target, then rename, so no partial file is ever left), and
+the content digests that name files: checkpoints by sha256, the images a model has seen by a short one."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+SEEN_KEY = "yoloq_seen_images"  # ONNX metadata: the image digests of the checkpoint it was exported from
 
 
 def image_digest(path: str | Path) -> str:

@@ -20,6 +20,7 @@ from yoloq.checkpoint import QuantizedModel
 from yoloq.core.modules import iter_quantizers
 from yoloq.errors import YoloqError
 from yoloq.export.qdq import pack_int4, propagate_qdq
+from yoloq.io import SEEN_KEY
 from yoloq.io import atomic_path
 from yoloq.model import yolo
 from yoloq.ui import hide_on_error, progress
@@ -27,7 +28,6 @@ from yoloq.ui import hide_on_error, progress
 FORMATS = ("qdq", "fake")
 OPSET = 17
 INT4_OPSET = 21  # int4 tensors in DequantizeLinear
-SEEN_KEY = "yoloq_seen_images"  # metadata: digests of the images the model was calibrated or trained on
 
 
 def export_onnx(qm: QuantizedModel, out: str | Path, fmt: str = "qdq", pack: str | None = None, imgsz: int | None = None) -> dict:

@@ -14,16 +14,17 @@ import numpy as np
 import torch
 
 from yoloq.errors import YoloqError
+from yoloq.io import SEEN_KEY
 
 
 class TorchPredictor:
     kind = "pytorch"
-    seen: frozenset = frozenset()  # digests of the images the model was calibrated or trained on (io.image_digests)
 
-    def __init__(self, model, imgsz: int, threads: int, label: str) -> None:
+    def __init__(self, model, imgsz: int, threads: int, label: str, seen=()) -> None:
         from yoloq.model import yolo
 
         self.model, self.imgsz, self.threads, self.label = model.eval(), imgsz, threads, label
+        self.seen = frozenset(seen)  # digests of the images the model was calibrated or trained on (io.image_digest)
         self.names = yolo.class_names(model)
         self.end2end = yolo.is_end2end(model)
         self._yolo = yolo
@@ -42,7 +43,6 @@ class TorchPredictor:
 
 class OrtPredictor:
     kind = "onnxruntime"
-    seen: frozenset = frozenset()
 
     def __init__(self, path: str | Path, threads: int, optimize: bool = True) -> None:
         import onnxruntime as ort
@@ -66,8 +66,6 @@ class OrtPredictor:
         out_shape = self.session.get_outputs()[0].shape
         self.end2end = meta.get("end2end", "False") == "True" or (len(out_shape) == 3 and out_shape[-1] == 6)
         self.threads, self.label = threads, str(path)
-        from yoloq.export.onnx import SEEN_KEY
-
         self.seen = frozenset(meta.get(SEEN_KEY, "").split())
 
     def raw(self, x: torch.Tensor) -> np.ndarray:
@@ -90,9 +88,8 @@ def load_predictor(model: str | Path, threads: int = 2, imgsz: int | None = None
             qm = checkpoint.load(p, payload)
             if imgsz:
                 yolo.check_imgsz(imgsz)
-            pred = TorchPredictor(qm.model, imgsz or qm.recipe.imgsz, threads, f"{p} ({qm.recipe.name} fake-quant)")
-            pred.seen = frozenset(qm.provenance.get("seen_images", []))
-            return pred
+            return TorchPredictor(qm.model, imgsz or qm.recipe.imgsz, threads, f"{p} ({qm.recipe.name} fake-quant)",
+                                  qm.provenance.get("seen_images", ()))
     size = imgsz or 640
     yolo.check_imgsz(size)
     return TorchPredictor(yolo.prepare(yolo.load_detector(str(model))), size, threads, str(model))
