@@ -20,6 +20,7 @@ from yoloq import api
 from yoloq.core.modules import iter_quantizers
 from yoloq.data.datasets import resolve_data, write_yolo
 from yoloq.errors import YoloqError
+from yoloq.io import image_digests
 from yoloq.losses.hqod import HQODLossConfig, hqod_loss
 from yoloq.methods import qat
 from yoloq.methods.qat import QATConfig
@@ -96,6 +97,18 @@ def test_short_qat_lowers_the_loss_and_exports(w4a4, labelled, tmp_path):
     assert back.recipe.weight_bits == 4 and back.provenance["history"][-1]["method"] == "hqod"
     rep = api.export(back, tmp_path / "hqod.onnx")
     assert rep["bytes"] > 0
+
+
+def test_the_checkpoint_has_seen_the_images_it_was_calibrated_and_trained_on(images_dir, lively_model, labelled,
+                                                                             tmp_path):
+    start = api.calibrate(lively_model, str(images_dir), Recipe(4, 4, "mse", images=2, imgsz=SZ))
+    first_two = image_digests(sorted(images_dir.iterdir())[:2])
+    assert start.provenance["seen_images"] == first_two
+    qm, _ = api.qat(str(api.save(start, tmp_path / "start.qpt")), str(labelled),
+                    QATConfig(method="hqod", iters=1, distill=0.0, **TINY), tmp_path / "hqod.qpt")
+    # the training images are copies of all four (a copy is the same image): the two it was calibrated on and two new
+    assert qm.provenance["seen_images"] == image_digests(sorted(labelled.iterdir())) != first_two
+    assert len(api.load_quantized(tmp_path / "hqod.qpt").provenance["seen_images"]) == 4
 
 
 def test_dither_is_on_the_learned_activation_quantizers_while_training_only(w4a4, labelled, tmp_path):
