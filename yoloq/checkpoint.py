@@ -79,7 +79,8 @@ def load(path: str | Path, payload: dict | None = None) -> QuantizedModel:
 
     payload = payload or read(path)
     if payload is None:
-        raise YoloqError(f"not a yoloq quantized checkpoint: {path}")
+        raise YoloqError(f"not a yoloq quantized checkpoint: {path} (make one from a model with `yoloq calibrate` or "
+                         "`yoloq finetune`)")
     recipe = Recipe.from_dict(payload["recipe"])
     model = yolo.prepare(yolo.model_from_yaml(payload["model_yaml"], payload["names"]))
     model = build_quantized(model, recipe)
