@@ -256,10 +256,7 @@ def _taskq_start(source: str, source_sha256: str | None, ds: Dataset, recipe: Re
                     or (done["recipe"]["weight_bits"], done["recipe"]["act_bits"]) != bits:
                 raise YoloqError(f"{path} is left from a run with another model or bits; delete it")
         else:
-            # no dither (TASKQ's default since 2026-12-05): from a dithered stage HQOD scored lower held out on both
-            # splits tried, 0.641 and 0.621 against 0.712 and 0.633 (docs/methods.md); no parameter averaging
-            # either (TASKQ's W4A4 default), which was not measured as an HQOD start
-            finetune(source, ds, TaskQConfig(iters=cfg.start_iters, seed=cfg.seed, dither=0.0, average=0.0), path,
-                     recipe.weight_bits, recipe.act_bits, recipe.images, recipe.imgsz)
+            finetune(source, ds, TaskQConfig(iters=cfg.start_iters, seed=cfg.seed), path, recipe.weight_bits,
+                     recipe.act_bits, recipe.images, recipe.imgsz)
     dist.barrier()
     return checkpoint.load(path)

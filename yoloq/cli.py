@@ -120,7 +120,7 @@ def finetune(
         "PTQ reconstruction: taskq | block-mse | brecq | qdrop | adaround. Quantization-aware training: hqod | lsq."))] = "taskq",
     iters: Annotated[Optional[int], typer.Option(help=(
         "taskq & co: optimisation steps per unit (default 1200). hqod/lsq: optimisation steps in all (default 300; "
-        "75 from a taskq checkpoint)."))] = None,
+        "30 from a taskq checkpoint)."))] = None,
     images: Annotated[Optional[int], typer.Option(help="Images to use. Default: taskq 64, hqod/lsq all.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help=(
         "Input size (multiple of 32). taskq: the model's size (default 640); hqod/lsq: the training size (default "
@@ -141,8 +141,8 @@ def finetune(
     lr_schedule: Annotated[Optional[str], typer.Option(help=(
         "hqod/lsq: constant | cosine (decay to 1% at the last step, for long runs). Default constant."))] = None,
     start: Annotated[Optional[str], typer.Option(help=(
-        "hqod/lsq from a float model: how it is quantized before training: taskq (reconstruction, 800 steps per "
-        "unit on 64 images; then --iters and --imgsz default as from a taskq checkpoint) | ptq (calibration). "
+        "hqod/lsq from a float model: how it is quantized before training: taskq (TASKQ's default reconstruction "
+        "on 64 images; then --iters and --imgsz default as from a taskq checkpoint) | ptq (calibration). "
         "Default taskq."))] = None,
     no_tcorr: Annotated[bool, typer.Option("--no-tcorr", help="hqod: no Task-Correlated loss.")] = False,
     no_hiou: Annotated[bool, typer.Option("--no-hiou", help="hqod: no Harmonious-IoU loss.")] = False,

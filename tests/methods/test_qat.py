@@ -221,7 +221,7 @@ def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, liv
     given = QATConfig(iters=9, imgsz=96, distill=3.0)
     assert given.for_start(calibrated.recipe, True) == given
     assert QATConfig(distill=0.0).for_start(calibrated.recipe, True).distill == 0.0  # 0 (off) is a choice, not unset
-    # a TASKQ checkpoint trains at its own size (SZ here), 75 steps; a QAT result of it too (its history has TASKQ)
+    # a TASKQ checkpoint trains at its own size (SZ here), 30 steps; a QAT result of it too (its history has TASKQ)
     from yoloq.methods.taskq import TaskQConfig
 
     tq, _ = api.finetune(lively_model, str(images_dir), TaskQConfig(iters=1, batch=2, crop=32, eval_images=2, sparse=False),
@@ -229,10 +229,10 @@ def test_default_steps_and_size_follow_the_start(w4a4, labelled, images_dir, liv
     tq_path = api.save(tq, tmp_path / "taskq.qpt")
     qm, rep = api.qat(str(tq_path), str(labelled), QATConfig(batch=2, epochs=1, distill=0.0), tmp_path / "hqod.qpt")
     last = qm.provenance["history"][-1]
-    assert (last["method"], last["iters"], last["imgsz"]) == ("hqod", 75, SZ) and rep["steps"] == 2  # epochs win
+    assert (last["method"], last["iters"], last["imgsz"]) == ("hqod", 30, SZ) and rep["steps"] == 2  # epochs win
     assert qat.reconstructed(qm.provenance["history"])
     again = QATConfig().for_start(qm.recipe, True)
-    assert (again.iters, again.imgsz, again.distill) == (75, SZ, 100.0)
+    assert (again.iters, again.imgsz, again.distill) == (30, SZ, 100.0)
     # a start trained by QAT alone is not reconstructed: the 320 default stays
     hq, _ = api.qat(str(w4a4), str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0), tmp_path / "h2.qpt")
     assert not qat.reconstructed(hq.provenance["history"])
@@ -263,10 +263,10 @@ def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_m
     qm, rep = api.qat(lively_model, str(labelled), cfg, out)
     methods = [h["method"] for h in qm.provenance["history"] if h.get("step") == "finetune"]
     assert methods == ["taskq", "hqod"]
-    # the TASKQ stage the HQOD default was measured with: no dither, although W4A4 TASKQ alone dithers
-    assert qm.provenance["history"][-2]["dither"] == 0.0
+    # the start is TASKQ's own W4A4 default: dithered and averaged
+    assert (qm.provenance["history"][-2]["dither"], qm.provenance["history"][-2]["average"]) == (1.0, 0.99)
     last = qm.provenance["history"][-1]
-    assert (last["start"], last["iters"], last["imgsz"]) == ("taskq", 75, qm.recipe.imgsz)  # as from a TASKQ file
+    assert (last["start"], last["iters"], last["imgsz"]) == ("taskq", 30, qm.recipe.imgsz)  # as from a TASKQ file
     assert out.exists() and not start.exists()
     # calibration alone on request; a checkpoint is its own start
     monkeypatch.undo()
