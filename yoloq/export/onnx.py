@@ -20,8 +20,7 @@ from yoloq.checkpoint import QuantizedModel
 from yoloq.core.modules import iter_quantizers
 from yoloq.errors import YoloqError
 from yoloq.export.qdq import pack_int4, propagate_qdq
-from yoloq.io import SEEN_KEY
-from yoloq.io import atomic_path
+from yoloq.io import SEEN_KEY, atomic_path
 from yoloq.model import yolo
 from yoloq.ui import hide_on_error, progress
 

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from yoloq.data.datasets import Dataset, iter_batches
+from yoloq.io import image_digest
 from yoloq.ui import track
 
 REFERENCE_CONF = 0.25
@@ -153,8 +154,6 @@ def evaluate(predictor, ds: Dataset, reference=None, conf: float = 0.001, iou: f
         "notes": list(ds.notes),
     }
     if getattr(predictor, "seen", None):
-        from yoloq.io import image_digest
-
         seen = sum(image_digest(p) in predictor.seen for p in ds.images)
         report["seen_images"] = seen
         if seen:
