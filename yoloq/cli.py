@@ -87,7 +87,7 @@ def calibrate(
 
 @command()
 def export(
-    qckpt: Annotated[str, typer.Argument(help="Quantized checkpoint from `yoloq calibrate`.")],
+    qckpt: Annotated[str, typer.Argument(help="Quantized checkpoint from `yoloq calibrate` or `yoloq finetune`.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Write ONNX (the only target for now).")] = False,
     format: Annotated[str, typer.Option("--format", help="qdq (int8 kernels in ORT) | fake (float graph).")] = "qdq",
     pack: Annotated[Optional[str], typer.Option(help="int4: store <=4-bit weights as ONNX int4 (smaller, slower in ORT).")] = None,
