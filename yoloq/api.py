@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -225,15 +226,20 @@ def qat(source: str, data: str | Dataset, cfg, out: str | Path, weight_bits: int
         write_yolo(ds.images, labels, work)
     dist.barrier()
     start_path = Path(f"{out}.start.qpt")
+    start_seconds = None  # the start's own time, where this call made it (the QAT's is the report's "seconds")
     if qm is None and not resuming:
+        made_here = not (rebuilt and start_path.exists())
+        t = time.perf_counter()
         qm = (_taskq_start(source, fingerprint["source_sha256"], ds, recipe, cfg, start_path, dist) if rebuilt
               else calibrate(source, ds, recipe))
+        start_seconds = round(time.perf_counter() - t, 1) if made_here else None
     qm, report = qat_method.run(qm, work / "images", cfg, state, dist, float_model if cfg.distill else None)
     _record_seen(qm, ds)
     if dist.main:
         report["labels"] = note
         report["start"] = {"taskq": f"TASKQ reconstruction ({cfg.start_iters} steps per unit)", "ptq": "calibration",
                            None: str(source)}[cfg.start]
+        report["start_seconds"] = start_seconds
         save(qm, out)
         state.remove()
         start_path.unlink(missing_ok=True)

@@ -227,7 +227,8 @@ def _finetune_qat(model, data, cfg, out, b, images, json_out) -> None:
     rows = [[h["epoch"], h["step"], *(f"{h.get(k, 0.0):.4f}" for k in keys)] for h in rep["history"]]
     shown = rows if len(rows) <= 12 else rows[:3] + [["...", "", *([""] * len(keys))]] + rows[-8:]
     Console().print(table(f"yoloq finetune {cfg.method} ({cfg.quantizer}) {qm.recipe.name}", ["epoch", "step", *keys], shown))
-    typer.echo(f"start: {rep['start']}")
+    took = rep["start_seconds"]
+    typer.echo(f"start: {rep['start']}" + (f", {took:.0f} s" if took is not None else ""))
     typer.echo(f"{rep['labels']}; {rep['images']} images, {rep['steps']} steps, {rep['seconds']:.0f} s"
                + (f", {rep['world_size']} processes" if rep["world_size"] > 1 else ""))
     if json_out:

@@ -261,6 +261,7 @@ def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_m
     monkeypatch.setattr(qat, "run", real_run)
     monkeypatch.setattr(api, "finetune", lambda *a, **k: pytest.fail("the finished start was reconstructed again"))
     qm, rep = api.qat(lively_model, str(labelled), cfg, out)
+    assert rep["start_seconds"] is None  # the start was made by the interrupted run, not timed by this one
     methods = [h["method"] for h in qm.provenance["history"] if h.get("step") == "finetune"]
     assert methods == ["taskq", "hqod"]
     # the start is TASKQ's own W4A4 default: dithered and averaged
@@ -271,8 +272,9 @@ def test_a_float_model_starts_from_taskq_which_an_interrupted_run_keeps(lively_m
     # calibration alone on request; a checkpoint is its own start
     monkeypatch.undo()
     small_start(monkeypatch)
-    ptq, _ = api.qat(lively_model, str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0, start="ptq"),
-                     tmp_path / "ptq.qpt")
+    ptq, rep = api.qat(lively_model, str(labelled), QATConfig(batch=2, epochs=1, imgsz=SZ, distill=0.0, start="ptq"),
+                       tmp_path / "ptq.qpt")
+    assert rep["start_seconds"] > 0
     assert [h["method"] for h in ptq.provenance["history"] if h.get("step") == "finetune"] == ["hqod"]
     assert ptq.provenance["history"][-1]["iters"] == 300
     with pytest.raises(YoloqError, match="--start applies to a float model"):
