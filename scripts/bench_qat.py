@@ -129,7 +129,8 @@ def main() -> None:
                 dets, _ = detect(pred, ev, 0.001, 0.7, 300, name)
             if size == args.imgsz and name != "FP32":  # FP32 against its own boxes: IoU 1, nothing to measure
                 h = harmony(dets, gts)
-                rows[name].update(harmony=h["share"], harmony_gap=h["mean_gap"], harmony_tp=h["tp"])
+                rows[name].update(harmony=h["share"], harmony_gap=h["mean_gap"], harmony_tp=h["tp"],
+                                  harmony_score=h["mean_score"], harmony_iou=h["mean_iou"])
         if size == args.imgsz and held is not None:  # fidelity on the images no row trained on
             ref_h = for_fidelity(reference_run(OrtPredictor(fp32, threads=2), held, 0.001))
             for name, p in paths.items():

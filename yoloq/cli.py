@@ -320,12 +320,14 @@ def _harmony_out(rep: dict, model: str, reference: str | None, plot: str) -> Non
 
     h = rep["harmony"]
     named = ([(f"reference {reference}", h["reference"])] if reference else []) + [(model, h["model"])]
-    rows = [[name, "-", "-", "-", "not computed"] if r is None else
-            [name, r["tp"], "-" if r["share"] is None else f"{r['share']:.3f}",
-             "-" if r["mean_gap"] is None else f"{r['mean_gap']:.3f}", " ".join(map(str, r["counts"]))]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [[name, "-", "-", "-", "-", "-", "not computed"] if r is None else
+            [name, r["tp"], fmt(r["share"]), fmt(r["mean_gap"]), fmt(r["mean_score"]), fmt(r["mean_iou"]),
+             " ".join(map(str, r["counts"]))]
             for name, r in named]
     title = f"harmony: |score - IoU| of true positives (IoU >= {h['iou_thr']}) vs {h['ground_truth']}"
-    Console().print(table(title, ["model", "TPs", "gap < 0.1", "mean gap", "TPs per 0.1 of gap"], rows))
+    Console().print(table(title, ["model", "TPs", "gap < 0.1", "mean gap", "mean score", "mean IoU",
+                                  "TPs per 0.1 of gap"], rows))
     plot_harmony({name: r for name, r in named if r is not None}, plot)
     h["plot"] = plot
     rep["notes"] += h.pop("notes")

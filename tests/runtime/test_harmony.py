@@ -47,6 +47,9 @@ def test_known_gaps_bins_and_share():
     assert r["counts"] == [2, 0, 0, 0, 1, 0, 0, 0, 0, 0]
     assert r["share"] == pytest.approx(2 / 3)
     assert r["mean_gap"] == pytest.approx((0.05 + 0.45 + 0.02) / 3, abs=1e-5)
+    # which way the gaps lie: the TPs' own scores and IoUs, not those of the FPs or the wrong-class box
+    assert r["mean_score"] == pytest.approx((0.9 + 0.3 + 0.62) / 3, abs=1e-6)
+    assert r["mean_iou"] == pytest.approx((0.85 + 0.75 + 0.6) / 3, abs=1e-5)
     assert r["edges"] == [round(float(e), 1) for e in EDGES] and len(r["edges"]) == 11
     assert r["iou_thr"] == 0.5 and r["conf"] == 0.001
     # a stricter TP definition drops the IoU-0.6 match; a higher conf drops the 0.3-score TP
@@ -68,6 +71,7 @@ def test_no_true_positives():
     gt = [np.array([[0, 0, 0, 10, 10]], np.float32), np.zeros((0, 5), np.float32)]
     r = harmony([np.zeros((0, 6), np.float32), np.array([_det([0, 0, 10, 10], 0.9)], np.float32)], gt)
     assert r["tp"] == 0 and r["share"] is None and r["mean_gap"] is None and r["counts"] == [0] * 10
+    assert r["mean_score"] is None and r["mean_iou"] is None
     assert harmony([], [])["tp"] == 0
     with pytest.raises(ValueError, match="images"):
         harmony([np.zeros((0, 6))], [])
@@ -153,12 +157,13 @@ def test_cli_harmony_without_labels(qckpts, images_dir, tmp_path):
     rep = json.loads(j.read_text())
     h = rep["harmony"]
     assert h["ground_truth"].startswith("reference detections") and h["reference"] is None
-    assert set(h["model"]) >= {"tp", "share", "mean_gap", "counts", "edges"} and len(h["model"]["counts"]) == 10
+    assert set(h["model"]) >= {"tp", "share", "mean_gap", "mean_score", "mean_iou", "counts", "edges"}
+    assert len(h["model"]["counts"]) == 10
     assert h["plot"] == str(tmp_path / "out.harmony.png")
     assert (tmp_path / "out.harmony.png").read_bytes()[:8] == PNG
     assert any("reference harmony not computed" in n for n in rep["notes"])
     assert "fidelity" in rep or any("detects nothing" in n for n in rep["notes"])
-    assert "harmony" in r.output and "gap < 0.1" in r.output
+    assert "harmony" in r.output and "gap < 0.1" in r.output and "mean IoU" in r.output
 
 
 def test_cli_harmony_with_labels_and_explicit_plot(qckpts, images_dir, tmp_path):

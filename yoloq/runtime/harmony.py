@@ -3,7 +3,9 @@
 For each true positive (TP) the gap is ``|class score - IoU(detection, matched ground truth)|``. A harmonious
 detector scores its well-placed boxes high and its loose ones low, so its gaps are small; quantization tends to
 spread them. The report holds the gaps' histogram in 10 bins of width 0.1 on [0, 1], the *harmony share* (the
-fraction of TPs with gap < 0.1), the mean gap and the number of TPs.
+fraction of TPs with gap < 0.1), the mean gap and the number of TPs, and the TPs' mean score and mean IoU, which
+say which way a gap lies: against a reference model's detections its own boxes have IoU 1, so a quantized model
+with looser boxes can show a smaller gap without scoring any better (docs/methods.md).
 
 - TP: a detection matched to a ground-truth box of its class with IoU >= ``iou_thr`` (0.5), greedily as COCO
   does: per image and class, detections by descending score each take the still unmatched box they overlap most.
@@ -67,24 +69,28 @@ def harmony(detections: list[np.ndarray], ground_truth: list[np.ndarray], iou_th
             conf: float = 0.001) -> dict:
     """Harmony of detections against ground truth, image by image (lists of equal length).
 
-    Returns ``{"tp", "share", "mean_gap", "counts", "edges", "iou_thr", "conf"}``: ``counts`` are the TPs per bin
-    of ``edges`` (width 0.1 on [0, 1]); ``share`` (TPs with gap < 0.1) and ``mean_gap`` are None when there is no
-    TP.
+    Returns ``{"tp", "share", "mean_gap", "mean_score", "mean_iou", "counts", "edges", "iou_thr", "conf"}``:
+    ``counts`` are the TPs per bin of ``edges`` (width 0.1 on [0, 1]); ``share`` (TPs with gap < 0.1) and the means
+    are None when there is no TP.
     """
     if len(detections) != len(ground_truth):
         raise ValueError(f"{len(detections)} images of detections but {len(ground_truth)} of ground truth")
-    gaps = []
+    scores, ious = [np.zeros(0)], [np.zeros(0)]
     for d, g in zip(detections, ground_truth):
         d = np.asarray(d).reshape(-1, 6)
         s, u = match_true_positives(d[d[:, 4] > conf], np.asarray(g).reshape(-1, 5), iou_thr)
-        gaps.append(np.abs(s - u))
-    gaps = np.concatenate(gaps) if gaps else np.zeros(0)
+        scores.append(s)
+        ious.append(u)
+    scores, ious = np.concatenate(scores), np.concatenate(ious)
+    gaps = np.abs(scores - ious)
     counts, _ = np.histogram(gaps, EDGES)
     n = len(gaps)
     return {
         "tp": n,
         "share": float(np.mean(gaps < HARMONY_THRESHOLD)) if n else None,
         "mean_gap": float(gaps.mean()) if n else None,
+        "mean_score": float(scores.mean()) if n else None,
+        "mean_iou": float(ious.mean()) if n else None,
         "counts": counts.tolist(),
         "edges": [round(float(e), 1) for e in EDGES],
         "iou_thr": iou_thr,
