@@ -250,9 +250,9 @@ def eval_(
     threads: Annotated[int, typer.Option(help="CPU threads for inference.")] = 2,
     harmony: Annotated[bool, typer.Option("--harmony", help=(
         "Also measure harmony (HQOD): |class score - IoU| of the true positives (IoU >= 0.5 with a box of their class) "
-        "among the detections NMS keeps with score > --conf; the share with gap < 0.1, its histogram, and their mean score and IoU. Ground "
-        "truth: the labels, else the --reference's detections (score > 0.25). With labels and --reference, the "
-        "reference's harmony too. Runs the model once more."))] = False,
+        "among the detections NMS keeps with score > --conf; the share with gap < 0.1, its histogram, and their "
+        "mean score and IoU. Ground truth: the labels, else the --reference's detections (score > 0.25). With "
+        "labels and --reference, the reference's harmony too. Runs the model once more."))] = False,
     harmony_plot: Annotated[Optional[str], typer.Option(help=(
         "PNG of the harmony histograms (needs --harmony). Default: beside --json as NAME.harmony.png "
         "(r.json -> r.harmony.png), else harmony.png in the current directory."))] = None,
