@@ -116,9 +116,8 @@ def plot_harmony(reports: dict[str, dict], path: str | Path) -> Path:
     for k, (label, r) in enumerate(reports.items()):
         counts = np.asarray(r["counts"], float)
         frac = counts / r["tp"] if r["tp"] else counts
-        desc = f"harmony share {r['share']:.3f} of {r['tp']} TPs" if r["tp"] else "no true positives"
-        if r["tp"] and r.get("mean_score") is not None:  # reports written before 2026-12-08 lack the means
-            desc += f" (mean score {r['mean_score']:.2f}, IoU {r['mean_iou']:.2f})"
+        desc = (f"harmony share {r['share']:.3f} of {r['tp']} TPs (mean score {r['mean_score']:.2f}, "
+                f"IoU {r['mean_iou']:.2f})" if r["tp"] else "no true positives")
         ax.bar(x + (k - (len(reports) - 1) / 2) * width, frac, width, label=f"{label}: {desc}")
     ax.set_xticks(x, [f"{a:.1f}-{b:.1f}" for a, b in zip(EDGES[:-1], EDGES[1:])], fontsize=8)
     ax.set_xlabel("|class score - IoU| of true positives")
